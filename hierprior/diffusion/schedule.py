@@ -135,7 +135,6 @@ class VESchedule(Schedule):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
-        self.t_min = 0.0
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t)
