@@ -1,0 +1,23 @@
+"""Forward models A_i and noise models n_i of the observations y_i = A_i(x_i) + n_i.
+
+See :mod:`hierprior.physics.forward` for the shape conventions shared by every model.
+"""
+
+from hierprior.physics.forward import Compose, ForwardModel, Identity, observation_index
+from hierprior.physics.linear import Blur, DenseLinear, Downsample, Mask
+from hierprior.physics.noise import GaussianNoise, NoiseModel
+from hierprior.physics.nonlinear import NonLinear
+
+__all__ = [
+    "ForwardModel",
+    "Identity",
+    "Compose",
+    "DenseLinear",
+    "Mask",
+    "Blur",
+    "Downsample",
+    "NonLinear",
+    "NoiseModel",
+    "GaussianNoise",
+    "observation_index",
+]
