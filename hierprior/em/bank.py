@@ -1,0 +1,149 @@
+"""The sample bank: posterior samples of one EM round, stored as atomic shard files.
+
+A bank lives in a folder (``round_k/bank/``). Each shard file holds the samples of a set of
+observations::
+
+    shard_<first index>_<count>_<digest>.pt = {"format": "hierprior-bank-shard", "version": 1,
+        "indices": LongTensor (n,), "samples": Tensor (n, S, *event_shape)}
+
+Shards are named by the observations they hold (never by a process rank), written to a
+temporary file and renamed into place, so a shard either exists whole or not at all; several
+processes (DDP ranks) can fill one bank. Opening a bank scans its shards: a shard that fails to
+load or to validate is moved to ``quarantine/`` and its observations count as not done, so they
+are recomputed and never used for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from hierprior.diffusion.checkpoint import atomic_save
+
+__all__ = ["SampleBank"]
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMAT = "hierprior-bank-shard"
+
+
+class SampleBank:
+    """Posterior samples x_i^(1..S) of N observations, with an index of the completed ones.
+
+    Arguments:
+        path: the bank's folder (created if needed).
+        num_obs: number of observations N.
+        num_samples: samples per observation S.
+        event_shape: shape of one sample.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, num_obs: int, num_samples: int, event_shape: tuple[int, ...]
+    ):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.num_obs = int(num_obs)
+        self.num_samples = int(num_samples)
+        self.event_shape = tuple(int(n) for n in event_shape)
+        self._done = torch.zeros(self.num_obs, dtype=torch.bool)
+        self._shards: dict[Path, Tensor] = {}
+        self.refresh()
+
+    # ------------------------------------------------------------------------ index
+
+    def _validate(self, shard: dict) -> Tensor:
+        if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
+            raise ValueError("not a bank shard")
+        idx, samples = shard["indices"], shard["samples"]
+        if idx.ndim != 1 or idx.dtype != torch.long or len(idx) == 0:
+            raise ValueError("bad indices")
+        if idx.min() < 0 or idx.max() >= self.num_obs:
+            raise ValueError("indices out of range")
+        expected = (len(idx), self.num_samples, *self.event_shape)
+        if tuple(samples.shape) != expected:
+            raise ValueError(f"samples have shape {tuple(samples.shape)}, expected {expected}")
+        if not torch.isfinite(samples).all():
+            raise ValueError("samples hold NaN/Inf")
+        return idx
+
+    def _quarantine(self, file: Path, reason: str) -> None:
+        qdir = self.path / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        target = qdir / file.name
+        os.replace(file, target)
+        log.warning("bank shard %s failed to load (%s); moved to %s", file.name, reason, target)
+
+    def refresh(self) -> None:
+        """Rescans the shard files (e.g. after other processes wrote some)."""
+        self._done.zero_()
+        self._shards.clear()
+        for tmp in self.path.glob(".shard_*.tmp"):
+            tmp.unlink(missing_ok=True)  # torn writes of a killed process
+        for file in sorted(self.path.glob("shard_*.pt")):
+            try:
+                shard = torch.load(file, map_location="cpu", weights_only=True)
+                idx = self._validate(shard)
+            except Exception as err:  # any unreadable or inconsistent shard is quarantined
+                self._quarantine(file, str(err)[:200])
+                continue
+            self._shards[file] = idx
+            self._done[idx] = True
+
+    @property
+    def done(self) -> Tensor:
+        """Boolean mask of the observations whose samples are stored, with shape (N,)."""
+        return self._done.clone()
+
+    def missing(self) -> Tensor:
+        """Indices of the observations still to sample, with shape (K,)."""
+        return (~self._done).nonzero().flatten()
+
+    def is_complete(self) -> bool:
+        return bool(self._done.all())
+
+    # ------------------------------------------------------------------------ I/O
+
+    def write(self, indices: Tensor, samples: Tensor) -> Path:
+        """Stores the samples (n, S, *event_shape) of observations ``indices`` (n,) atomically."""
+        indices = torch.as_tensor(indices, dtype=torch.long).detach().cpu().flatten()
+        samples = samples.detach().cpu()
+        shard = {"format": SHARD_FORMAT, "version": 1, "indices": indices, "samples": samples}
+        self._validate(shard)
+        digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()[:8]
+        name = f"shard_{int(indices[0]):07d}_{len(indices):05d}_{digest}.pt"
+        path = atomic_save(shard, self.path / name)
+        self._shards[path] = indices
+        self._done[indices] = True
+        return path
+
+    def load(self) -> Tensor:
+        """All samples in observation order, with shape (N, S, *event_shape).
+
+        Raises a RuntimeError naming the missing observations if the bank is incomplete.
+        """
+        if not self.is_complete():
+            missing = self.missing().tolist()
+            raise RuntimeError(
+                f"the sample bank at {self.path} is incomplete: {len(missing)} observation(s) "
+                f"missing, e.g. {missing[:10]}"
+            )
+        out = None
+        for file in sorted(self._shards):
+            shard = torch.load(file, map_location="cpu", weights_only=True)
+            if out is None:
+                out = torch.empty(
+                    (self.num_obs, *shard["samples"].shape[1:]), dtype=shard["samples"].dtype
+                )
+            out[shard["indices"]] = shard["samples"]
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"SampleBank({self.path}, done {int(self._done.sum())}/{self.num_obs}, "
+            f"S={self.num_samples}, event_shape={self.event_shape})"
+        )

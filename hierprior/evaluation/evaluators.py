@@ -1,0 +1,78 @@
+"""Evaluators for EM runs: callables that map prior samples to a dict of scalar metrics.
+
+:class:`DigitShare` classifies digit images with the cached digit classifier and reports the
+share of samples classified as a target set of digits (e.g. 5-9 for the MNIST 0-4 -> 5-9 demo),
+the classifier's mean confidence on them, and the share of each digit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["DigitShare"]
+
+
+class DigitShare:
+    """Share of image samples (B, 1, R, R) classified as one of ``digits``.
+
+    Arguments:
+        digits: the target digits, e.g. (5, 6, 7, 8, 9).
+        resolution: image resolution R (the classifier is trained at it and cached).
+        value_range: the images' value range.
+        cache_dir: where the classifier is cached (default: HIERPRIOR_CACHE or
+            ~/.cache/hierprior).
+        per_digit: also report the share of each digit 0-9.
+    """
+
+    def __init__(
+        self,
+        digits: Sequence[int],
+        resolution: int = 28,
+        value_range: Sequence[float] = (-1.0, 1.0),
+        cache_dir: str | None = None,
+        per_digit: bool = False,
+    ):
+        digits = [int(d) for d in digits]
+        if not digits or any(d < 0 or d > 9 for d in digits):
+            raise ValueError(f"digits must be a non-empty subset of 0-9, got {digits}")
+        self.digits = digits
+        self.resolution = int(resolution)
+        self.value_range = tuple(float(v) for v in value_range)
+        self.cache_dir = cache_dir
+        self.per_digit = per_digit
+        self._classifier = None
+
+    @property
+    def name(self) -> str:
+        return "share_" + "".join(str(d) for d in self.digits)
+
+    def classifier(self):
+        if self._classifier is None:
+            from hierprior.evaluation.digits import load_digit_classifier
+
+            self._classifier = load_digit_classifier(
+                resolution=self.resolution,
+                value_range=self.value_range,
+                cache_dir=self.cache_dir,
+            )
+        return self._classifier
+
+    @torch.no_grad()
+    def __call__(self, samples: Tensor) -> dict[str, float]:
+        if samples.ndim != 4 or samples.shape[1] != 1:
+            raise ValueError(f"DigitShare needs images (B, 1, R, R), got {tuple(samples.shape)}")
+        clf = self.classifier()
+        proba = clf.predict_proba(samples.float().cpu())
+        labels = proba.argmax(-1)
+        target = torch.isin(labels, torch.tensor(self.digits))
+        out = {
+            self.name: float(target.float().mean()),
+            "classifier_confidence": float(proba.max(-1).values.mean()),
+        }
+        if self.per_digit:
+            counts = torch.bincount(labels, minlength=10).float() / len(labels)
+            out.update({f"digit_{d}": float(counts[d]) for d in range(10)})
+        return out
