@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,3 +200,54 @@ def test_population_identity_forward_on_images():
     pop = Population(y=x + 0.1, forward=Identity((1, 8, 8)), noise=GaussianNoise(0.1), truth=x)
     assert pop.signal_shape == (1, 8, 8)
     assert len(pop.fingerprint()) == 16
+
+
+# ------------------------------------------------------------------------------ resume
+
+JOB = Path(__file__).parent / "scripts" / "em_job.py"
+
+
+def _job(run_dir: Path, kill: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(JOB), str(run_dir)] + (["--kill", kill] if kill else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("em_uninterrupted")
+    proc = _job(run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("kill", ["estep", "mstep"])
+def test_em_killed_by_a_signal_resumes_without_losing_work(kill, uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    killed = _job(run_dir, kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    if kill == "estep":  # round 1 is complete, round 2's bank holds exactly 2 shards
+        assert (run_dir / "round_001" / "metrics.json").exists()
+        assert len(list((run_dir / "round_002" / "bank").glob("shard_*.pt"))) == 2
+        kept = {
+            f.name: f.stat().st_mtime_ns for f in (run_dir / "round_002" / "bank").glob("*.pt")
+        }
+    else:  # killed inside round 1's M-step after its step-10 checkpoint
+        assert (run_dir / "round_001" / "mstep" / "checkpoints" / "last.ckpt").exists()
+        assert not (run_dir / "round_001" / "prior.ckpt").exists()
+    resumed = _job(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    if kill == "estep":  # completed shards were reused, not recomputed
+        for name, mtime in kept.items():
+            assert (run_dir / "round_002" / "bank" / name).stat().st_mtime_ns == mtime
+    for k in (1, 2):
+        bank = SampleBank(run_dir / f"round_{k:03d}" / "bank", 48, 2, (4,))
+        ref = SampleBank(uninterrupted / f"round_{k:03d}" / "bank", 48, 2, (4,))
+        assert bank.is_complete()
+        # a resumed round equals an uninterrupted one under the same seeds
+        torch.testing.assert_close(bank.load(), ref.load(), rtol=1e-5, atol=1e-5)
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2]
+    final = load_prior(run_dir / "round_002" / "prior.ckpt")
+    ref_final = load_prior(uninterrupted / "round_002" / "prior.ckpt")
+    for a, b in zip(final.state_dict().values(), ref_final.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

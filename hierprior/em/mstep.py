@@ -39,6 +39,7 @@ MSTEP_DEFAULTS = {
     "checkpoint_every": 100,
     "min_eigenvalue": 1e-6,
     "time_distribution": "lognormal",
+    "precision": "32-true",  # Lightning precision of the M-step, e.g. bf16-mixed on a GPU
 }
 
 
@@ -87,7 +88,7 @@ def run_mstep(
         time_distribution=opts["time_distribution"],
         ema_state_dict=prior.state_dict(),
     )
-    data = TensorDataModule(flat.float(), batch_size=opts["batch_size"], seed=seed)
+    data = TensorDataModule(flat.float(), batch_size=opts["batch_size"], seed=seed % (2**31))
     ckpt_dir = workdir / "checkpoints"
     checkpoint = pl.callbacks.ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -101,6 +102,7 @@ def run_mstep(
         logger=False,
         callbacks=[checkpoint],
         gradient_clip_val=opts["gradient_clip_val"],
+        precision=opts["precision"],
         enable_progress_bar=progress,
         enable_model_summary=False,
         **(trainer or {}),
