@@ -1,0 +1,92 @@
+r"""Reduced chi2 of data residuals.
+
+For an observation y with noise standard deviation :math:`\sigma` and a prediction
+:math:`\hat y = A(\hat x)` (e.g. the forward model applied to a posterior sample),
+
+.. math:: \chi^2_\nu = \frac{1}{M} \sum_{m=1}^{M} \left(\frac{y_m - \hat y_m}{\sigma_m}\right)^2,
+
+with M the number of measured values per observation. For Gaussian noise and the true signal,
+:math:`M \chi^2_\nu \sim \chi^2(M)`, so :math:`\chi^2_\nu \approx 1 \pm \sqrt{2/M}`; values well
+above 1 flag under-fitting (or misspecification), well below 1 over-fitting. (Strictly the
+degrees of freedom are M minus the effective number of fitted parameters; with a prior over a
+high-dimensional x there is no simple count, so M is used.)
+
+References:
+    Bevington & Robinson (2003), "Data Reduction and Error Analysis for the Physical
+    Sciences", ch. 11; Barco et al. (2024), arXiv 2407.17667 (residual checks of posteriors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["residual_chi2"]
+
+
+def residual_chi2(y: Tensor, y_pred: Tensor, sigma: float | Tensor, batch_dims: int = 1) -> Tensor:
+    """Reduced chi2 per observation, sum of squared normalised residuals over M values.
+
+    Args:
+        y: Observations, with shape (N, *obs); or (N, S, *obs) (or (N, 1, *obs)) with
+            ``batch_dims=2`` to score S predictions per observation.
+        y_pred: Predictions, with the same number of dims as y and a shape broadcastable
+            with it, e.g. (N, *obs), or (N, S, *obs) with ``batch_dims=2``.
+        sigma: Noise standard deviation, a positive float or a tensor broadcastable to the
+            broadcast shape of y and y_pred (e.g. (N, 1, *obs) per observation with
+            ``batch_dims=2``).
+        batch_dims: Number of leading dims that index observations (kept); all trailing dims
+            are measured values (M = their product).
+
+    Returns:
+        The reduced chi2, with shape equal to the first ``batch_dims`` dims of the broadcast
+        shape, e.g. (N,) or (N, S).
+
+    Example:
+        >>> y = torch.zeros(4, 16)
+        >>> residual_chi2(y, y + 0.2, sigma=0.1)
+        tensor([4., 4., 4., 4.])
+    """
+    for name, value in (("y", y), ("y_pred", y_pred)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value)}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains NaN or Inf values")
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 1:
+        raise ValueError(f"batch_dims must be an int >= 1, got {batch_dims!r}")
+    if y.ndim != y_pred.ndim:
+        raise ValueError(
+            f"y and y_pred must have the same number of dims, got shapes {tuple(y.shape)} and "
+            f"{tuple(y_pred.shape)}"
+        )
+    try:
+        shape = torch.broadcast_shapes(y.shape, y_pred.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"y {tuple(y.shape)} and y_pred {tuple(y_pred.shape)} do not broadcast"
+        ) from err
+    if len(shape) < batch_dims:
+        raise ValueError(f"batch_dims={batch_dims} exceeds the number of dims of y ({y.ndim})")
+    if isinstance(sigma, Tensor):
+        if not bool(torch.isfinite(sigma).all()) or not bool((sigma > 0).all()):
+            raise ValueError("sigma must be finite and positive everywhere")
+        try:
+            torch.broadcast_shapes(sigma.shape, shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"sigma {tuple(sigma.shape)} does not broadcast to {tuple(shape)}"
+            ) from err
+        if torch.broadcast_shapes(sigma.shape, shape) != shape:
+            raise ValueError(f"sigma {tuple(sigma.shape)} would enlarge the shape {tuple(shape)}")
+    elif isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be finite and positive, got {sigma}")
+    else:
+        raise TypeError(f"sigma must be a float or a torch.Tensor, got {type(sigma)}")
+    m = math.prod(shape[batch_dims:])
+    z = ((y - y_pred) / sigma).expand(shape)
+    return z.square().reshape(*shape[:batch_dims], -1).sum(-1) / m
