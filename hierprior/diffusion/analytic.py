@@ -93,7 +93,10 @@ class GaussianPrior(Denoiser):
 
     def _gains(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """alpha (B, 1), and the eigenvalue gains of the posterior mean and covariance (B, D)."""
-        alpha, sigma = self.schedule.alpha_sigma(_check_time_shape(t, x))
+        t = _check_time_shape(t, x)
+        if len(t) > 1 and bool((t == t[0]).all()):  # one time for the batch (the usual case)
+            t = t[:1]
+        alpha, sigma = self.schedule.alpha_sigma(t)
         alpha, sigma = alpha[:, None], sigma[:, None]
         lam = self._lam.double()[None]
         denom = alpha**2 * lam + sigma**2
@@ -125,6 +128,7 @@ class GaussianPrior(Denoiser):
         """Exact Cov[x | x_t] as matrices, with shape (B, D, D)."""
         _, _, gain = self._gains(t, x_t)
         u = self._u.to(x_t.dtype)
+        gain = gain.expand(x_t.shape[0], -1)
         return (u[None] * gain[:, None, :]) @ u.T[None]
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
