@@ -309,16 +309,20 @@ def _device_of(prior) -> torch.device:
 
 def _pq(x: Tensor, y: Tensor, monitor: dict, seed: int, round_index: int, tag: str) -> dict:
     g = torch.Generator().manual_seed(derive_seed(seed, round_index, "pqmass", tag))
-    n = min(len(x) + len(y), 10**9)
-    refs = min(monitor["num_refs"], max(2, n // 4))
-    r = pqmass(
-        x.float().cpu(),
-        y.float().cpu(),
-        num_refs=refs,
-        re_tessellations=monitor["re_tessellations"],
-        generator=g,
-        permutations=monitor["permutations"],
-    )
+    refs = min(monitor["num_refs"], max(2, (len(x) + len(y)) // 4))
+    try:
+        r = pqmass(
+            x.float().cpu(),
+            y.float().cpu(),
+            num_refs=refs,
+            re_tessellations=monitor["re_tessellations"],
+            generator=g,
+            permutations=monitor["permutations"],
+        )
+    except ValueError as err:  # e.g. degenerate samples: a monitor never stops the run
+        log.warning("PQMass %s in round %d could not be computed: %s", tag, round_index, err)
+        nan = float("nan")
+        return {f"{tag}_chi2": nan, f"{tag}_log_pvalue": nan, f"{tag}_pvalue": nan}
     out = {f"{tag}_chi2": float(r.chi2), f"{tag}_log_pvalue": float(r.log_pvalue)}
     p = r.perm_pvalue if r.perm_pvalue is not None else r.pvalue
     out[f"{tag}_pvalue"] = float(p)

@@ -318,7 +318,8 @@ def load_digit_classifier(
         model.test_accuracy = float(state["test_accuracy"])
         return model.eval()
 
-    model = _train(resolution, resize, seed, epochs, width=16, log=log)
+    with torch.inference_mode(False), torch.enable_grad():  # callers may hold no_grad
+        model = _train(resolution, resize, seed, epochs, width=16, log=log)
     state = {
         "format": _FORMAT,
         "resolution": resolution,

@@ -25,6 +25,8 @@ class DigitShare:
         cache_dir: where the classifier is cached (default: HIERPRIOR_CACHE or
             ~/.cache/hierprior).
         per_digit: also report the share of each digit 0-9.
+        epochs: training epochs of the classifier when it is not cached yet (None: the
+            loader's default).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class DigitShare:
         value_range: Sequence[float] = (-1.0, 1.0),
         cache_dir: str | None = None,
         per_digit: bool = False,
+        epochs: int | None = None,
     ):
         digits = [int(d) for d in digits]
         if not digits or any(d < 0 or d > 9 for d in digits):
@@ -43,6 +46,7 @@ class DigitShare:
         self.value_range = tuple(float(v) for v in value_range)
         self.cache_dir = cache_dir
         self.per_digit = per_digit
+        self.epochs = epochs
         self._classifier = None
 
     @property
@@ -57,15 +61,16 @@ class DigitShare:
                 resolution=self.resolution,
                 value_range=self.value_range,
                 cache_dir=self.cache_dir,
+                **({} if self.epochs is None else {"epochs": int(self.epochs)}),
             )
         return self._classifier
 
-    @torch.no_grad()
     def __call__(self, samples: Tensor) -> dict[str, float]:
         if samples.ndim != 4 or samples.shape[1] != 1:
             raise ValueError(f"DigitShare needs images (B, 1, R, R), got {tuple(samples.shape)}")
-        clf = self.classifier()
-        proba = clf.predict_proba(samples.float().cpu())
+        clf = self.classifier()  # trained on first use (outside no_grad)
+        with torch.no_grad():
+            proba = clf.predict_proba(samples.float().cpu())
         labels = proba.argmax(-1)
         target = torch.isin(labels, torch.tensor(self.digits))
         out = {
