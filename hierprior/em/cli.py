@@ -69,6 +69,9 @@ def run_from_config(cfg):
             f"hierprior-em runs experiments with task 'em'; this config has task "
             f"{cfg.get('task')!r} (use hierprior-train-prior for task 'train_prior')"
         )
+    threads = cfg.get("train", {}).get("num_threads")
+    if threads:  # torch CPU threads for the whole run (1 is steadiest on a shared 2-core box)
+        torch.set_num_threads(int(threads))
     run_dir = Path(str(cfg.run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     population = instantiate(cfg.population)  # fails early on missing data / bad digits

@@ -1,0 +1,286 @@
+"""Tests of the hydra tree conf/: every experiment composes, tiny ones train end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from hierprior.cli import CONF_DIR, sample_main
+from hierprior.diffusion import load_prior
+from hierprior.training import (
+    build_callbacks,
+    build_datamodule,
+    build_denoiser,
+    build_loggers,
+    build_trainer,
+    check_train_config,
+    fit_prior,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
+
+CONF = Path(CONF_DIR)
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+# shrink any train_prior run to one optimiser step with a 4-sample, 2-step sample grid
+ONE_STEP = [
+    "train.steps=1",
+    "train.warmup=0",
+    "train.sample_every=0",
+    "train.ckpt_every=0",
+    "train.loss_every=1",
+    "sample.n=4",
+    "sample.steps=2",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+# what a train_prior run reads (other groups, e.g. the EM population, need not resolve for it)
+TRAIN_SECTIONS = (
+    "run_dir",
+    "data",
+    "prior",
+    "schedule",
+    "trainer",
+    "logger",
+    "paths",
+    "train",
+    "sample",
+)
+
+
+def _resolve(cfg, sections=TRAIN_SECTIONS) -> None:
+    """Resolves every interpolation of the given top-level sections (raises if one fails)."""
+    for key in sections:
+        node = cfg[key]
+        if OmegaConf.is_config(node):
+            OmegaConf.to_container(node, resolve=True)
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_there_are_experiments():
+    assert {"mnist04_prior", "mnist04_prior_tiny"} <= set(EXPERIMENTS)
+    assert {"galaxy_elliptical_prior", "galaxy_elliptical_prior_tiny"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment, tmp_path):
+    cfg = _compose([f"experiment={experiment}", f"run_dir={tmp_path}"])
+    # every interpolation the task reads resolves
+    _resolve(cfg, TRAIN_SECTIONS if cfg.task == "train_prior" else list(cfg))
+    assert cfg.task in ("train_prior", "em")
+    assert cfg.name == experiment  # the run folder is named after the experiment
+    if cfg.task == "train_prior":
+        check_train_config(cfg)
+        # the backbone is built for the data's image size (cheap: no data loaded)
+        backbone = cfg.prior.backbone
+        if "image_size" in backbone:
+            assert backbone.image_size == cfg.data.resolution
+
+
+def test_default_config_and_run_dir():
+    cfg = _compose([])
+    assert cfg.task == "train_prior"
+    assert cfg.run_dir == f"{cfg.paths.runs}/train_prior/default"  # not timestamped: resumable
+    cfg = _compose(["experiment=mnist04_prior"])
+    assert cfg.run_dir.endswith("runs/train_prior/mnist04_prior")
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+
+
+def test_hydra_settings_resume_and_do_not_collide():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["name=abc"], return_hydra_config=True)
+    assert cfg.hydra.run.dir == cfg.run_dir
+    assert cfg.hydra.job.chdir is False
+    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+    assert sweep["subdir"] == "${hydra.job.num}"  # one folder per multirun job
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["schedule=ve"], ["trainer=gpu"], ["logger=csv"], ["logger=wandb"], ["data=galaxies"]],
+)
+def test_group_options_compose(overrides):
+    _resolve(_compose(overrides))
+
+
+def test_wandb_logger_is_offline_in_the_run_dir_and_follows_wandb_mode(tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = _compose(["logger=wandb", f"run_dir={tmp_path}"])
+    assert cfg.logger.wandb.mode == "offline" and cfg.logger.wandb.save_dir == str(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # what the tests use: never any network
+    (logger,) = build_loggers(_compose(["logger=wandb", f"run_dir={tmp_path}"]))
+    assert isinstance(logger, WandbLogger)
+    assert logger._wandb_init["mode"] == "disabled"
+    assert build_loggers(_compose(["logger=none"])) == []
+
+
+def test_unknown_group_option_is_a_clear_error():
+    with pytest.raises((MissingConfigException, ConfigCompositionException), match="schedule"):
+        _compose(["schedule=cosine"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sample.method=euler", "unknown sampler"),
+        ("sample.steps=0", "sample.steps"),
+        ("train.steps=0", "train.steps"),
+        ("train.ema_decay=1.0", "ema_decay"),
+        ("train.time_distribution=beta", "time_distribution"),
+    ],
+)
+def test_bad_values_fail_before_training(override, message, tmp_path):
+    cfg = _compose(["experiment=mnist04_prior_tiny", f"run_dir={tmp_path}", override])
+    with pytest.raises(ValueError, match=message):
+        fit_prior(cfg)
+    assert not (tmp_path / "prior.ckpt").exists()
+
+
+def test_missing_dataset_root_is_a_clear_error(tmp_path):
+    cfg = _compose(
+        [
+            "experiment=mnist04_prior_tiny",
+            f"run_dir={tmp_path / 'run'}",
+            "data.source=torchvision",
+            f"data.root={tmp_path / 'nowhere'}",
+        ]
+    )
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        fit_prior(cfg)
+
+
+def test_backbone_data_mismatch_is_a_clear_error():
+    cfg = _compose(["experiment=mnist04_prior_tiny", "prior.backbone.image_size=32"])
+    with pytest.raises(ValueError, match="expects samples with shape"):
+        build_denoiser(cfg, (1, 16, 16))
+
+
+def test_trainer_and_callbacks_follow_the_config(tmp_path):
+    cfg = _compose(["experiment=mnist04_prior_tiny", "train.grad_clip=0.5", *ONE_STEP])
+    trainer = build_trainer(cfg, build_callbacks(cfg, tmp_path), [], tmp_path)
+    assert trainer.gradient_clip_val == 0.5
+    assert trainer.max_steps == 1
+    assert trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+
+
+# read from the files (not composed), so another group's experiment cannot break collection
+TINY = [
+    e
+    for e in EXPERIMENTS
+    if e.endswith("_tiny")
+    and OmegaConf.load(CONF / "experiment" / f"{e}.yaml").get("task") == "train_prior"
+]
+
+
+@pytest.mark.parametrize("experiment", TINY)
+def test_tiny_experiments_train_one_step(experiment, tmp_path):
+    overrides = [f"experiment={experiment}", f"run_dir={tmp_path}", *ONE_STEP]
+    if experiment.startswith("galaxy"):
+        overrides.append("data.n=128")  # rendering galaxies dominates otherwise
+    cfg = _compose(overrides)
+    out = fit_prior(cfg)
+    assert out.step == 1
+    for path in (out.prior, out.config, out.loss_csv, out.loss_png, out.samples, out.last_ckpt):
+        assert path.is_file(), path
+    prior = load_prior(out.prior)
+    assert prior.event_shape == build_datamodule(cfg).event_shape
+    saved = OmegaConf.load(out.config)
+    assert saved.name == experiment and saved.train.steps == 1
+    meta = torch.load(out.prior, weights_only=True)["meta"]
+    assert meta["step"] == 1 and meta["config"]["name"] == experiment
+
+
+def _toy_overrides(run_dir: Path, steps: int) -> list[str]:
+    return [
+        "data=toy",
+        "data.n=256",
+        "prior=mlp",
+        "prior.backbone.hidden=[32,32]",
+        f"run_dir={run_dir}",
+        *ONE_STEP,
+        f"train.steps={steps}",
+        "train.batch_size=64",
+        "train.loss_every=2",
+        "train.ckpt_every=2",
+    ]
+
+
+def test_rerun_resumes_from_the_run_dir(tmp_path):
+    first = fit_prior(_compose(_toy_overrides(tmp_path, 4)))
+    assert first.step == 4
+    weights = torch.load(first.prior, weights_only=True)["state_dict"]
+    # the same command again: nothing left to train, the prior is untouched
+    again = fit_prior(_compose(_toy_overrides(tmp_path, 4)))
+    assert again.step == 4
+    assert all(
+        torch.equal(v, weights[k])
+        for k, v in torch.load(again.prior, weights_only=True)["state_dict"].items()
+    )
+    # more steps continue from step 4, and the loss history is kept
+    more = fit_prior(_compose(_toy_overrides(tmp_path, 6)))
+    assert more.step == 6
+    steps = [int(line.split(",")[0]) for line in more.loss_csv.read_text().splitlines()[1:]]
+    assert steps == [2, 4, 6]
+    assert torch.load(more.prior, weights_only=True)["meta"]["ema_updates"] == 6
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    # data order, training noise, optimiser and EMA all resume: bit-identical on CPU
+    straight = fit_prior(_compose(_toy_overrides(tmp_path / "a", 6)))
+    fit_prior(_compose(_toy_overrides(tmp_path / "b", 4)))
+    resumed = fit_prior(_compose(_toy_overrides(tmp_path / "b", 6)))
+    a = torch.load(straight.prior, weights_only=True)["state_dict"]
+    b = torch.load(resumed.prior, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_split_logs_val_loss(tmp_path):
+    overrides = [*_toy_overrides(tmp_path, 4), "data.val_fraction=0.25", "train.val_every=2"]
+    out = fit_prior(_compose(overrides))
+    rows = [line.split(",") for line in out.loss_csv.read_text().splitlines()[1:]]
+    assert [(int(s), split) for s, split, _ in rows if split == "val"] == [(2, "val"), (4, "val")]
+    assert all(float(v) > 0 for _, _, v in rows)
+
+
+def test_sample_cli_on_a_trained_checkpoint(tmp_path):
+    out = fit_prior(_compose(_toy_overrides(tmp_path, 2)))
+    png = sample_main([f"ckpt={out.prior}", "n=16", "steps=4", f"out={tmp_path / 's.png'}"])
+    assert png.is_file() and png.stat().st_size > 0
+
+
+def test_console_script_trains(tmp_path):
+    # the real entry point (hydra.main with the repo's conf/), in a subprocess
+    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    code = "import sys; from hierprior.cli import train_prior; sys.argv[0] = 'x'; train_prior()"
+    args = [sys.executable, "-c", code, *_toy_overrides(tmp_path, 2)]
+    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("prior.ckpt", "config.yaml", "loss.csv", "loss.png", "samples.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / ".hydra" / "config.yaml").is_file()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
