@@ -251,3 +251,24 @@ def test_em_killed_by_a_signal_resumes_without_losing_work(kill, uninterrupted, 
     ref_final = load_prior(uninterrupted / "round_002" / "prior.ckpt")
     for a, b in zip(final.state_dict().values(), ref_final.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_em_logs_to_an_offline_wandb_run_in_the_run_dir(tmp_path):
+    pop, _, _ = gaussian_population(n=20, d=3, m=2)
+    prior0 = GaussianPrior(torch.zeros(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64))
+    run_dir = tmp_path / "run"
+    result = run_em(
+        prior0,
+        pop,
+        rounds=1,
+        sampler={"method": "exact"},
+        run_dir=run_dir,
+        num_samples=4,
+        monitor={"num_prior_samples": 50, "num_refs": 5, "re_tessellations": 3},
+        logger="wandb",
+        logger_options={"mode": "offline", "project": "test"},
+    )
+    assert len(result.metrics) == 2
+    state = json.loads((run_dir / "em_state.json").read_text())
+    runs = list((run_dir / "wandb").glob(f"offline-run-*-{state['wandb_id']}"))
+    assert len(runs) == 1, list((run_dir / "wandb").iterdir())

@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,7 +250,9 @@ class _Logger:
             raise ValueError(f"unknown EM logger {kind!r}; expected 'wandb', 'csv' or None")
         import wandb
 
-        run_id = state.setdefault("wandb_id", wandb.util.generate_id())
+        run_id = state.setdefault("wandb_id", uuid.uuid4().hex[:8])
+        if wandb.run is not None:  # e.g. the run of the round-0 prior's training
+            wandb.finish()
         self.run = wandb.init(
             dir=str(run_dir),
             id=run_id,
@@ -258,7 +261,6 @@ class _Logger:
             project=options.get("project", "hierprior"),
             name=options.get("name"),
             config=_jsonable(state.get("config", {})),
-            reinit=True,
         )
         self.run.define_metric("em/round")
         self.run.define_metric("*", step_metric="em/round")
