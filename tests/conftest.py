@@ -12,6 +12,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 _MEASURED: list[str] = []
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs a test module with one torch thread (module scope: covers its module fixtures)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def report():
     """Call ``report("text")`` to print a measured figure in the session's closing summary."""

@@ -37,13 +37,8 @@ F64 = torch.float64
 METHODS = sorted(POSTERIOR_METHODS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread (small ops are faster and less noisy on 2 cores), also for module fixtures."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one thread (small ops are faster and less noisy on 2 cores), also for module fixtures
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed: int) -> torch.Generator:
