@@ -105,7 +105,24 @@ def check_c_noise(c_noise: Tensor | float, batch: int, like: Tensor) -> Tensor:
     return c_noise
 
 
-class PositionalEmbedding(nn.Module):
+class _CosSinFeatures(nn.Module):
+    """Shared forward of the sinusoidal embeddings: [cos(c f_k), sin(c f_k)] for a buffer f."""
+
+    freqs: Tensor
+
+    def forward(self, c: Tensor) -> Tensor:
+        r"""
+        Arguments:
+            c: The code, with shape (B).
+
+        Returns:
+            The features, with shape (B, d).
+        """
+        angles = c.to(self.freqs.dtype)[:, None] * self.freqs
+        return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+class PositionalEmbedding(_CosSinFeatures):
     r"""Creates a sinusoidal (positional) embedding of a scalar code.
 
     .. math:: e(c) = [\cos(s c \omega_k), \sin(s c \omega_k)]_{k < d/2},
@@ -135,22 +152,11 @@ class PositionalEmbedding(nn.Module):
         freqs = float(max_positions) ** (-torch.arange(half, dtype=torch.float64) / half)
         self.register_buffer("freqs", (self.scale * freqs).float(), persistent=False)
 
-    def forward(self, c: Tensor) -> Tensor:
-        r"""
-        Arguments:
-            c: The code, with shape (B).
-
-        Returns:
-            The features, with shape (B, d).
-        """
-        angles = c.to(self.freqs.dtype)[:, None] * self.freqs
-        return torch.cat([angles.cos(), angles.sin()], dim=-1)
-
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_positions={self.max_positions}, scale={self.scale}"
 
 
-class FourierEmbedding(nn.Module):
+class FourierEmbedding(_CosSinFeatures):
     r"""Creates a random Fourier feature embedding of a scalar code.
 
     .. math:: e(c) = [\cos(2 \pi c f_k), \sin(2 \pi c f_k)]_{k < d/2},
@@ -183,17 +189,6 @@ class FourierEmbedding(nn.Module):
         g = torch.Generator().manual_seed(self.seed)
         freqs = torch.randn(dim // 2, generator=g) * self.scale
         self.register_buffer("freqs", 2 * math.pi * freqs)
-
-    def forward(self, c: Tensor) -> Tensor:
-        r"""
-        Arguments:
-            c: The code, with shape (B).
-
-        Returns:
-            The features, with shape (B, d).
-        """
-        angles = c.to(self.freqs.dtype)[:, None] * self.freqs
-        return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, scale={self.scale}, seed={self.seed}"
