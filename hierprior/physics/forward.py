@@ -112,7 +112,24 @@ def _as_shape(shape: object, name: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-class ForwardModel(nn.Module, abc.ABC):
+class ObservationCount:
+    """``len()`` = num_obs for per-observation models; shared ones (num_obs None) have none."""
+
+    num_obs: int | None
+
+    def __bool__(self) -> bool:
+        return True  # len() raises for shared models; truth tests must not
+
+    def __len__(self) -> int:
+        if self.num_obs is None:
+            raise TypeError(
+                f"{type(self).__name__} is shared (num_obs is None) and has no length; "
+                "check its num_obs instead"
+            )
+        return self.num_obs
+
+
+class ForwardModel(ObservationCount, nn.Module, abc.ABC):
     r"""Base class of forward models :math:`x \mapsto A_i(x)` for N observations (or shared).
 
     Attributes:
@@ -148,17 +165,6 @@ class ForwardModel(nn.Module, abc.ABC):
     def shared(self) -> bool:
         """True when one map applies to every observation (``num_obs is None``)."""
         return self.num_obs is None
-
-    def __bool__(self) -> bool:
-        return True  # len() raises for shared models; truth tests must not
-
-    def __len__(self) -> int:
-        if self.num_obs is None:
-            raise TypeError(
-                f"{type(self).__name__} is shared (num_obs is None) and has no length; "
-                "check model.num_obs instead"
-            )
-        return self.num_obs
 
     def extra_repr(self) -> str:
         return (

@@ -29,12 +29,12 @@ import math
 import torch
 from torch import Tensor, nn
 
-from hierprior.physics.forward import observation_index
+from hierprior.physics.forward import ObservationCount, observation_index
 
 __all__ = ["NoiseModel", "GaussianNoise"]
 
 
-class NoiseModel(nn.Module, abc.ABC):
+class NoiseModel(ObservationCount, nn.Module, abc.ABC):
     """Base class of observation noise models for N observations (or shared).
 
     Attributes:
@@ -42,17 +42,6 @@ class NoiseModel(nn.Module, abc.ABC):
     """
 
     num_obs: int | None = None
-
-    def __bool__(self) -> bool:
-        return True  # len() raises for shared models; truth tests must not
-
-    def __len__(self) -> int:
-        if self.num_obs is None:
-            raise TypeError(
-                f"{type(self).__name__} is shared (num_obs is None) and has no length; "
-                "check noise.num_obs instead"
-            )
-        return self.num_obs
 
     def __getitem__(self, idx: object) -> NoiseModel:
         """The noise model of a subset of observations; a shared model returns itself."""
