@@ -101,10 +101,10 @@ def sample_main(argv: Sequence[str] | None = None) -> Path:
     """
     import torch
 
-    from hierprior.diffusion.checkpoint import atomic_save, load_prior
+    from hierprior.diffusion.checkpoint import load_prior
     from hierprior.diffusion.sampling import SAMPLERS
     from hierprior.diffusion.sampling import sample as draw
-    from hierprior.training.callbacks import save_sample_grid
+    from hierprior.io import atomic_save, save_sample_grid
 
     parser = _sample_parser()
     args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,29 +24,12 @@ import torch
 from hierprior.diffusion.analytic import GaussianMixturePrior, GaussianPrior
 from hierprior.diffusion.denoiser import Denoiser, EDMDenoiser
 from hierprior.diffusion.schedule import Schedule
+from hierprior.io import atomic_save
 
-__all__ = ["save_prior", "load_prior", "prior_to_dict", "prior_from_dict", "atomic_save"]
+__all__ = ["save_prior", "load_prior", "prior_to_dict", "prior_from_dict"]
 
 FORMAT = "hierprior-prior"
 VERSION = 1
-
-
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """torch.save to a temporary file in the same folder, then os.replace: never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _target(obj) -> str:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
+from hierprior.io import device_dtype
 
 __all__ = ["sample", "ddpm_sampler", "ddim_sampler", "heun_sampler", "SAMPLERS", "initial_noise"]
 
@@ -141,13 +142,6 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def _device_dtype(denoiser: Denoiser) -> tuple[torch.device, torch.dtype]:
-    for tensor in list(denoiser.parameters()) + list(denoiser.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
 @torch.no_grad()
 def sample(
     prior: Denoiser,
@@ -183,7 +177,7 @@ def sample(
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if method != "ddim" and eta != 0.0:
         raise ValueError(f"eta is a DDIM option; method {method!r} does not take it")
-    device, dtype = _device_dtype(prior)
+    device, dtype = device_dtype(prior)
     timesteps = prior.schedule.timesteps(steps, spacing=spacing, device=device)
     if x_init is None:
         x_init = initial_noise(prior, n, generator=generator, device=device, dtype=dtype)

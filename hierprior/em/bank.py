@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hierprior.diffusion.checkpoint import atomic_save
+from hierprior.io import atomic_save
 
 __all__ = ["SampleBank"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hierprior.diffusion.checkpoint import atomic_save
+from hierprior.io import atomic_save
 from hierprior.physics import ForwardModel, observation_index
 from hierprior.physics.noise import NoiseModel
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hierprior.data.mnist import check_value_range, from_value_range, load_mnist
+from hierprior.io import atomic_save
 
 __all__ = ["DigitClassifier", "default_cache_dir", "load_digit_classifier"]
 
@@ -330,15 +330,6 @@ def load_digit_classifier(
         "test_accuracy": model.test_accuracy,
         "state_dict": model.state_dict(),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save(state, path)
     model.value_range = value_range
     return model.eval()

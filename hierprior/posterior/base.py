@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser, expand_time
+from hierprior.io import device_dtype
 from hierprior.physics import ForwardModel, GaussianNoise
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "check_float",
     "check_choice",
     "default_iterations",
-    "prior_device_dtype",
 ]
 
 
@@ -92,14 +92,6 @@ def check_choice(value: object, name: str, choices) -> str:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
     return value
-
-
-def prior_device_dtype(prior: Denoiser) -> tuple[torch.device, torch.dtype]:
-    """Device and floating dtype of a prior's first floating parameter or buffer."""
-    for tensor in list(prior.parameters()) + list(prior.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.get_default_dtype()
 
 
 def check_problem(prior: Denoiser, forward: ForwardModel, noise: GaussianNoise, y: Tensor):
@@ -150,7 +142,7 @@ def check_problem(prior: Denoiser, forward: ForwardModel, noise: GaussianNoise, 
             "noise levels must be finite and > 0; observations "
             f"{bad.nonzero().flatten().tolist()} violate this"
         )
-    _, dtype = prior_device_dtype(prior)
+    _, dtype = device_dtype(prior)
     return y.to(dtype)
 
 

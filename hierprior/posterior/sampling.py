@@ -42,6 +42,7 @@ from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.diffusion.sampling import SAMPLERS
+from hierprior.io import device_dtype
 from hierprior.physics import ForwardModel, GaussianNoise
 from hierprior.posterior.base import (
     Observation,
@@ -51,7 +52,6 @@ from hierprior.posterior.base import (
     check_int,
     check_problem,
     default_iterations,
-    prior_device_dtype,
 )
 from hierprior.posterior.cla import CLADenoiser
 from hierprior.posterior.daps import LIKELIHOOD_STEPS, daps_sample
@@ -311,7 +311,7 @@ def sample_posterior(
     spec = POSTERIOR_METHODS[method]
     y = check_problem(prior, forward, noise, y)
     opts = _resolve(spec, options, forward, num_samples)
-    device, dtype = prior_device_dtype(prior)
+    device, dtype = device_dtype(prior)
     if generator is not None and torch.device(generator.device).type != device.type:
         raise ValueError(f"generator is on {generator.device} but the prior is on {device}")
     y = y.to(device)

@@ -1,5 +1,6 @@
 """Training of diffusion priors with Lightning: module with EMA, data, callbacks, builders."""
 
+from hierprior.io import save_sample_grid
 from hierprior.training.build import (
     build_callbacks,
     build_datamodule,
@@ -11,13 +12,7 @@ from hierprior.training.build import (
     check_train_config,
     plain_config,
 )
-from hierprior.training.callbacks import (
-    LossCurve,
-    PriorCheckpoint,
-    SampleGrid,
-    plot_loss_curve,
-    save_sample_grid,
-)
+from hierprior.training.callbacks import LossCurve, PriorCheckpoint, SampleGrid, plot_loss_curve
 from hierprior.training.datamodule import (
     BatchStream,
     TensorDataModule,

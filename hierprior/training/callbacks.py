@@ -25,8 +25,7 @@ import csv
 import io
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -35,101 +34,9 @@ from torch import Tensor
 
 from hierprior.diffusion.checkpoint import save_prior
 from hierprior.diffusion.sampling import SAMPLERS, sample
+from hierprior.io import atomic_write_bytes, figure_bytes, save_sample_grid
 
-__all__ = [
-    "LossCurve",
-    "PriorCheckpoint",
-    "SampleGrid",
-    "atomic_write_bytes",
-    "plot_loss_curve",
-    "save_sample_grid",
-]
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes bytes to path via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _figure_bytes(draw: Callable, figsize: tuple[float, float]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, dpi=100)
-    draw(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
-
-
-def save_sample_grid(
-    samples: Tensor,
-    path: str | os.PathLike,
-    value_range: Sequence[float] = (-1.0, 1.0),
-    reference: Tensor | None = None,
-    nrow: int | None = None,
-) -> Path:
-    """Saves samples as a PNG: a grid of images, or a scatter plot for vectors.
-
-    Arguments:
-        samples: images with shape (N, C, H, W) (C in {1, 3}), or vectors with shape (N, D),
-            D >= 2 (the first two coordinates are drawn).
-        path: the PNG file.
-        value_range: the (a, b) that maps to black and white (images only).
-        reference: optional data with shape (M, D) drawn under vector samples.
-        nrow: images per row of the grid (default about sqrt(N)).
-    """
-    samples = samples.detach().float().cpu()
-    if samples.ndim == 4 and samples.shape[1] in (1, 3):
-        from torchvision.utils import make_grid
-
-        lo, hi = (float(v) for v in value_range)
-        if not hi > lo:
-            raise ValueError(f"value_range must satisfy a < b, got {value_range}")
-        images = ((samples - lo) / (hi - lo)).clamp(0.0, 1.0)
-        nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
-        grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)
-        grid = grid[: samples.shape[1]]  # make_grid repeats one channel to three
-        scale = max(1, math.ceil(512 / grid.shape[-1]))  # at least 512 px wide, pixel-exact
-        grid = grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
-        from PIL import Image
-
-        array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-        image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-        buf = io.BytesIO()
-        image.save(buf, format="png")
-        return atomic_write_bytes(path, buf.getvalue())
-    if samples.ndim == 2 and samples.shape[1] >= 2:
-
-        def draw(fig):
-            ax = fig.add_subplot()
-            if reference is not None:
-                ref = reference.detach().float().cpu().reshape(len(reference), -1)
-                ax.scatter(ref[:, 0], ref[:, 1], s=2, c="0.7", label="data")
-            ax.scatter(samples[:, 0], samples[:, 1], s=4, c="C0", label="samples")
-            ax.set_xlabel("x[0]")
-            ax.set_ylabel("x[1]")
-            ax.set_aspect("equal", adjustable="datalim")
-            ax.legend(loc="upper right")
-
-        return atomic_write_bytes(path, _figure_bytes(draw, (5, 5)))
-    raise ValueError(
-        "samples must be images with shape (N, 1 or 3, H, W) or vectors with shape (N, D >= 2), "
-        f"got {tuple(samples.shape)}"
-    )
+__all__ = ["LossCurve", "PriorCheckpoint", "SampleGrid", "plot_loss_curve"]
 
 
 def plot_loss_curve(rows: Sequence[tuple[int, str, float]], path: str | os.PathLike) -> Path:
@@ -149,7 +56,7 @@ def plot_loss_curve(rows: Sequence[tuple[int, str, float]], path: str | os.PathL
         ax.grid(alpha=0.3)
         ax.legend()
 
-    return atomic_write_bytes(path, _figure_bytes(draw, (6, 4)))
+    return atomic_write_bytes(path, figure_bytes(draw, (6, 4)))
 
 
 def _check_every(name: str, value: int) -> int:

@@ -27,6 +27,7 @@ import torch
 import yaml
 from omegaconf import DictConfig
 
+from hierprior.io import atomic_write_text
 from hierprior.training.build import (
     build_callbacks,
     build_datamodule,
@@ -37,7 +38,6 @@ from hierprior.training.build import (
     check_train_config,
     plain_config,
 )
-from hierprior.training.callbacks import atomic_write_bytes
 
 __all__ = ["TrainOutputs", "fit_prior", "write_config"]
 
@@ -61,7 +61,7 @@ class TrainOutputs:
 def write_config(cfg: DictConfig, path: str | Path) -> Path:
     """Writes the resolved config as plain YAML (atomically)."""
     text = yaml.safe_dump(plain_config(cfg), sort_keys=False, default_flow_style=None)
-    return atomic_write_bytes(path, text.encode())
+    return atomic_write_text(path, text)
 
 
 def fit_prior(cfg: DictConfig) -> TrainOutputs:
