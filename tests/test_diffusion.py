@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -268,13 +269,96 @@ def test_gaussian_sample_and_fit():
 # --------------------------------------------------------------------------- checkpoints
 
 
-def test_prior_checkpoints_round_trip(tmp_path):
-    prior = random_gaussian(4)
-    path = save_prior(prior, tmp_path / "gauss.ckpt")
+def _assert_same_schedule(a, b):
+    assert type(a) is type(b)
+    assert a.config() == b.config()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_checkpoint_round_trips(tmp_path, dtype):
+    prior = random_gaussian(4, dtype=dtype)
+    prior.schedule = VESchedule(sigma_min=2e-3, sigma_max=40.0)
+    meta = {"step": 7, "config": {"name": "toy", "lr": 1e-3}, "tags": ["a", "b"]}
+    path = save_prior(prior, tmp_path / "gauss.ckpt", meta=meta)
     again = load_prior(path)
-    torch.testing.assert_close(again.cov, prior.cov)
+    assert type(again) is GaussianPrior
+    # bit-identical tensors, dtype included
+    assert again.mean.dtype == dtype and again.cov.dtype == dtype
+    assert torch.equal(again.mean, prior.mean) and torch.equal(again.cov, prior.cov)
+    assert again.event_shape == prior.event_shape == (4,)
+    _assert_same_schedule(again.schedule, prior.schedule)
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["format"] == "hierprior-prior"
+    assert ckpt["format"] == "hierprior-prior" and ckpt["kind"] == "gaussian"
+    assert ckpt["meta"] == meta
+
+
+def test_gmm_checkpoint_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    k, d = 3, 2
+    a = torch.randn(k, d, d, generator=g, dtype=torch.float64)
+    gmm = GaussianMixturePrior(
+        torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64),
+        torch.randn(k, d, generator=g, dtype=torch.float64),
+        a @ a.mT / d + 0.1 * torch.eye(d, dtype=torch.float64),
+        VPSchedule(beta_min=0.2, beta_max=15.0),
+    )
+    again = load_prior(save_prior(gmm, tmp_path / "gmm.ckpt", meta={"round": 3}))
+    assert type(again) is GaussianMixturePrior
+    for name in ("weights", "means", "covs"):
+        assert torch.equal(getattr(again, name), getattr(gmm, name)), name
+        assert getattr(again, name).dtype == torch.float64
+    assert again.event_shape == gmm.event_shape == (d,)
+    _assert_same_schedule(again.schedule, gmm.schedule)
+    assert torch.load(tmp_path / "gmm.ckpt", weights_only=True)["meta"] == {"round": 3}
+
+
+def _randomised(module: nn.Module, seed: int) -> nn.Module:
+    """Overwrites every floating tensor of the state dict (zero-initialised output layers,
+    seeded Fourier frequencies) with random values, so that a round trip must carry each."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=g, dtype=tensor.dtype) * 0.3)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_edm_checkpoint_round_trips(tmp_path, kind):
+    from hierprior.nn import MLP, UNet
+
+    if kind == "mlp":
+        backbone, shape = MLP(3, hidden=(16, 8), emb_dim=8, embedding="fourier"), (3,)
+    else:
+        backbone = UNet(
+            1, image_size=8, channels=(8, 16), num_res_blocks=1, attention_resolutions=(4,)
+        )
+        shape = (1, 8, 8)
+    schedule = VESchedule(sigma_min=5e-3, sigma_max=30.0)
+    prior = _randomised(EDMDenoiser(backbone, shape, schedule, sigma_data=0.7), seed=1).eval()
+    meta = {"step": 120, "config": {"model": kind}}
+    again = load_prior(save_prior(prior, tmp_path / "edm.ckpt", meta=meta))
+    assert type(again) is EDMDenoiser and type(again.backbone) is type(prior.backbone)
+    assert again.backbone.config == prior.backbone.config
+    assert again.event_shape == prior.event_shape == shape
+    assert again.sigma_data == 0.7
+    _assert_same_schedule(again.schedule, prior.schedule)
+    assert not again.training
+    ours, theirs = prior.state_dict(), again.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert theirs[name].dtype == tensor.dtype and torch.equal(theirs[name], tensor), name
+    assert torch.load(tmp_path / "edm.ckpt", weights_only=True)["meta"] == meta
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, *shape, generator=g)
+    t = torch.linspace(0.05, 0.95, 5)
+    with torch.no_grad():
+        out = prior(x, t)
+        assert out.abs().max() > 0  # the randomised output layer makes the network matter
+        assert torch.equal(again(x, t), out)
+
+
+def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_prior(tmp_path / "missing.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
@@ -283,3 +367,39 @@ def test_prior_checkpoints_round_trip(tmp_path):
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a loadable"):
         load_prior(tmp_path / "garbage.ckpt")
+
+
+def _unreadable_files(tmp_path):
+    """Junk bytes, random bytes, a truncated and an empty file, and torch files of non-dicts."""
+    noise = torch.randint(
+        0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    files = {"g": b"g" * 100, "random": noise.numpy().tobytes()}
+    real = save_prior(random_gaussian(3), tmp_path / "real.ckpt").read_bytes()
+    files["truncated"] = real[: len(real) // 2]
+    files["empty"] = b""
+    paths = []
+    for name, data in files.items():
+        path = tmp_path / f"{name}.ckpt"
+        path.write_bytes(data)
+        paths.append(path)
+    torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    paths += [tmp_path / "tensor.ckpt", tmp_path / "list.ckpt"]
+    return paths
+
+
+def test_unreadable_checkpoint_errors_are_one_line(tmp_path):
+    # torch's own message runs over several paragraphs and advises weights_only=False; ours is
+    # "<path> is not a ... checkpoint (<ExceptionType>: <first line, <= 120 chars>)".
+    for path in _unreadable_files(tmp_path):
+        with pytest.raises(ValueError, match="not a (loadable|valid) hierprior prior checkpoint"):
+            load_prior(path)
+        try:
+            load_prior(path)
+        except ValueError as err:
+            message = str(err)
+        assert "\n" not in message and "weights_only" not in message, message
+        detail = r"\((\w+(: .{1,120})?|it holds a (Tensor|list), not a dict)\)"
+        pattern = rf"{re.escape(str(path))} is not a (loadable|valid) hierprior prior checkpoint "
+        assert re.fullmatch(pattern + detail, message), message

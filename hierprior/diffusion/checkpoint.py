@@ -115,11 +115,34 @@ def save_prior(prior: Denoiser, path: str | os.PathLike, meta: dict | None = Non
     return atomic_save(prior_to_dict(prior, meta), path)
 
 
+def _error_summary(err: BaseException, limit: int = 120) -> str:
+    """``"<ExceptionType>: <first line of the message>"``, one line of at most ~limit chars.
+
+    torch's weights-only unpickler prefixes the actual error with paragraphs of advice
+    (including re-running with ``weights_only=False``, which is never right for a prior
+    checkpoint); its "WeightsUnpickler error:" detail is kept instead.
+    """
+    text = str(err)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > limit:
+        first = first[: limit - 3].rstrip() + "..."
+    name = type(err).__name__
+    return f"{name}: {first}" if first else name
+
+
 def load_prior(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Denoiser:
     """Loads a prior written by :func:`save_prior` (``torch.load(weights_only=True)``).
 
     Raises FileNotFoundError for a missing file and ValueError for a file that is not a
-    hierprior prior checkpoint.
+    hierprior prior checkpoint: ``"<path> is not a loadable hierprior prior checkpoint
+    (<ExceptionType>: <first line of the error>)"`` when torch cannot read it (junk bytes, a
+    truncated file, pickled objects other than tensors and plain containers), ``"<path> is not
+    a valid hierprior prior checkpoint (...)"`` when it reads but holds no prior. The messages
+    are one line; the original exception is chained as ``__cause__``.
     """
     path = Path(path)
     if not path.is_file():
@@ -127,8 +150,17 @@ def load_prior(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"{path} is not a loadable hierprior prior checkpoint: {err}") from err
+        raise ValueError(
+            f"{path} is not a loadable hierprior prior checkpoint ({_error_summary(err)})"
+        ) from err
+    if not isinstance(ckpt, dict):
+        raise ValueError(
+            f"{path} is not a valid hierprior prior checkpoint (it holds a "
+            f"{type(ckpt).__name__}, not a dict)"
+        )
     try:
         return prior_from_dict(ckpt)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a valid hierprior prior checkpoint: {err}") from err
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(
+            f"{path} is not a valid hierprior prior checkpoint ({_error_summary(err)})"
+        ) from err
