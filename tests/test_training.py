@@ -205,6 +205,57 @@ def test_warm_start_from_an_ema_state_dict():
         torch.testing.assert_close(e, 0.9 * p + 0.1 * q, rtol=0, atol=1e-6)
 
 
+class _RecordRawWeights(pl.Callback):
+    """The raw weights after every optimiser step (the EMA update runs inside the step)."""
+
+    def __init__(self):
+        self.raw = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.raw.append([p.detach().double().clone() for p in pl_module.denoiser.parameters()])
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_ema_trajectory_matches_the_closed_form_recursion(warm_start):
+    # ema_{n+1} = b_n ema_n + (1 - b_n) raw_{n+1} with b_n = min(beta, (1 + n) / (10 + n))
+    # (n = earlier updates), or b_n = beta when warm-started from an ema_state_dict.
+    steps, beta = 6, 0.9
+    torch.manual_seed(0)
+    denoiser = EDMDenoiser(MLP(2, hidden=(8,), emb_dim=8), (2,))
+    previous = None
+    if warm_start:  # an EMA that starts from another network (the EM M-step)
+        torch.manual_seed(1)
+        previous = EDMDenoiser(MLP(2, hidden=(8,), emb_dim=8), (2,))
+    module = PriorModule(
+        denoiser,
+        lr=1e-2,
+        warmup_steps=0,
+        ema_decay=beta,
+        ema_state_dict=None if previous is None else previous.state_dict(),
+    )
+    assert module.ema_warmup is not warm_start
+    ema = [p.detach().double().clone() for p in module.ema.parameters()]
+    record = _RecordRawWeights()
+    dm = TensorDataModule(toy_mixture(n=64, seed=1), batch_size=16)
+    _trainer(steps, callbacks=[record]).fit(module, datamodule=dm)
+    assert len(record.raw) == steps
+    assert int(module.ema_updates) == steps
+    decays = [ema_decay_at(beta, n, warmup=not warm_start) for n in range(steps)]
+    if warm_start:
+        assert decays == [beta] * steps
+    else:
+        assert decays[0] == pytest.approx(0.1) and decays[-1] == pytest.approx(6 / 15)
+    for decay, raw in zip(decays, record.raw):
+        ema = [decay * e + (1 - decay) * r for e, r in zip(ema, raw)]
+    got = [p.detach().double() for p in module.ema.parameters()]
+    # float32 lerps: round-off ~1e-7 per step on weights of size ~1
+    for e, g in zip(ema, got):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-6)
+    # the recursion is not vacuous: the raw weights moved and the EMA lags behind them
+    final = torch.cat([r.flatten() for r in record.raw[-1]])
+    assert (torch.cat([g.flatten() for g in got]) - final).abs().max() > 1e-3
+
+
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="ema_state_dict does not fit"):
         PriorModule(_mlp_denoiser(2), ema_state_dict=_mlp_denoiser(3).state_dict())
