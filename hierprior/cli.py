@@ -1,7 +1,7 @@
 r"""Command-line entry points (console scripts declared in pyproject.toml).
 
-- ``hierprior-train-prior [overrides]``: a hydra app on ``conf/config.yaml``; trains a diffusion
-  prior by denoising score matching (:func:`hierprior.training.fit_prior`) and writes
+- ``hierprior-train-prior [overrides]``: a hydra app on ``conf/train_prior.yaml``; trains a
+  diffusion prior by denoising score matching (:func:`hierprior.training.fit_prior`) and writes
   ``prior.ckpt``, ``config.yaml``, ``loss.csv``, ``loss.png`` and ``samples.png`` into
   ``run_dir`` (default ``runs/train_prior/<name>``). Rerunning the same command resumes.
   Example: ``hierprior-train-prior experiment=mnist04_prior_tiny``.
@@ -9,7 +9,11 @@ r"""Command-line entry points (console scripts declared in pyproject.toml).
   draws n samples :math:`x \sim p_\theta` of a prior checkpoint with a sampler of
   :mod:`hierprior.diffusion.sampling` and writes a PNG grid (``.png``) or the tensor with shape
   (n, *event_shape) (``.pt``). ``--key value`` works as well as ``key=value``.
-- ``hierprior-em [overrides]``: the EM loop of :mod:`hierprior.em.cli`.
+- ``hierprior-em [overrides]``: a hydra app on ``conf/em.yaml``, the EM loop of
+  :mod:`hierprior.em.cli` (no argument: ``experiment=mnist_shift_tiny``).
+
+Hydra flags and overrides go in any order; an unknown group option (``sampler=nope``) and a
+bad value (``em.rounds=-1``) end the command in one line on stderr, before any training.
 
 References:
     Karras et al. (2022), EDM, arXiv 2206.00364 (sampler and preconditioning).
@@ -22,36 +26,47 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["CONF_DIR", "em", "sample", "sample_main", "train_prior"]
-
-# conf/ sits at the repository root (the package is installed editable); hydra needs an
-# absolute path, since a relative one would be looked up as a Python package
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+__all__ = ["em", "job_run_dir", "sample", "sample_main", "train_prior"]
 
 
-def _run_train_prior(cfg) -> None:
+def job_run_dir(cfg) -> None:
+    """In a multirun (``-m``), each job writes into its own folder ``<sweep.dir>/<job.num>``."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from hierprior.training import fit_prior
-
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        # each job of a sweep writes into its own folder <sweep.dir>/<job.num>
         with open_dict(cfg):
             cfg.run_dir = HydraConfig.get().runtime.output_dir
+
+
+def _train_prior_task(cfg) -> None:
+    from hierprior.training import fit_prior
+
+    job_run_dir(cfg)
     out = fit_prior(cfg)
     print(f"prior written to {out.prior} (step {out.step})")
 
 
 def train_prior() -> None:
-    """Console script ``hierprior-train-prior``: hydra app on conf/config.yaml."""
-    import hydra
+    """Console script ``hierprior-train-prior``: a hydra app on conf/train_prior.yaml."""
+    from hierprior.config import run_app
 
-    main = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(
-        _run_train_prior
-    )
-    main()
+    run_app("hierprior-train-prior", "train_prior", _train_prior_task)
+
+
+def _em_task(cfg) -> None:
+    from hierprior.em.cli import run_from_config
+
+    job_run_dir(cfg)
+    run_from_config(cfg)
+
+
+def em() -> None:
+    """Console script ``hierprior-em``: a hydra app on conf/em.yaml (see hierprior.em.cli)."""
+    from hierprior.config import run_app
+
+    run_app("hierprior-em", "em", _em_task)
 
 
 def _normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -157,8 +172,3 @@ def sample() -> None:
     sample_main()
 
 
-def em() -> None:
-    """Console script ``hierprior-em``: the EM loop (hierprior.em.cli:main)."""
-    from hierprior.em.cli import main
-
-    main()

@@ -1,12 +1,13 @@
 r"""E-step: posterior samples of every observation under the current prior, with Lightning.
 
 For each observation i, draw :math:`x_i^{(1..S)} \sim p_\theta(x \mid y_i)` with a posterior
-sampler of :mod:`hierprior.posterior` (or, for a Gaussian prior with a linear forward model,
-exactly: ``method="exact"``). The observations are split into fixed batches of consecutive
-indices; ``Trainer.predict`` runs the batches that the :class:`~hierprior.em.bank.SampleBank`
-does not hold yet, and :class:`BankWriter` stores each batch as one atomic shard, so a killed
-E-step resumes at the first missing batch. Each batch draws from its own generator, seeded from
-(run seed, round, first observation of the batch): a resumed round equals an uninterrupted one.
+method of :mod:`hierprior.posterior` (``mmps``, ``dps``, ..., or ``exact`` for a Gaussian prior
+with a linear-Gaussian likelihood). The observations are split into fixed batches of
+consecutive indices; ``Trainer.predict`` runs the batches that the
+:class:`~hierprior.em.bank.SampleBank` does not hold yet, and :class:`BankWriter` stores each
+batch as one atomic shard, so a killed E-step resumes at the first missing batch. Each batch
+draws from its own generator, seeded from (run seed, round, "estep", first observation of the
+batch): a resumed round equals an uninterrupted one.
 
 Several devices work: Lightning's distributed sampler gives each rank its own batches, and
 shards are named by observation indices, never by rank.
@@ -14,8 +15,8 @@ shards are named by observation indices, never by rank.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -25,16 +26,30 @@ from torch.utils.data import DataLoader
 
 from hierprior.em.bank import SampleBank
 from hierprior.em.population import Population
+from hierprior.posterior import PosteriorMethod, posterior_method
+from hierprior.seeds import derive_seed
 
-__all__ = ["PosteriorSamplingModule", "BankWriter", "run_estep", "derive_seed", "estep_batches"]
+__all__ = ["EStep", "BankWriter", "PosteriorSamplingModule", "estep_batches"]
 
 log = logging.getLogger(__name__)
 
+#: Lightning Trainer arguments an E-step takes (precision stays fp32: the solves need it)
+TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes")
 
-def derive_seed(*keys) -> int:
-    """A 63-bit seed derived deterministically from any keys (ints, strings)."""
-    digest = hashlib.sha256(repr(tuple(keys)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+def _positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def check_trainer(trainer: Mapping | None, allowed: tuple[str, ...], owner: str) -> dict:
+    """The Lightning Trainer arguments of an EM piece, refusing keys it does not take."""
+    trainer = dict(trainer or {})
+    unknown = sorted(set(trainer) - set(allowed))
+    if unknown:
+        raise ValueError(f"{owner} trainer option(s) {unknown} not accepted; allowed: {allowed}")
+    return trainer
 
 
 def estep_batches(num_obs: int, batch_size: int) -> list[Tensor]:
@@ -42,31 +57,13 @@ def estep_batches(num_obs: int, batch_size: int) -> list[Tensor]:
     return list(torch.arange(num_obs).split(batch_size))
 
 
-def exact_posterior_samples(
-    prior, population: Population, num_samples: int, generator: torch.Generator
-) -> Tensor:
-    """Exact samples of a Gaussian prior's posterior under a linear-Gaussian model, (N, S, D)."""
-    from hierprior.posterior import exact_gaussian_posterior
-
-    mean, cov = exact_gaussian_posterior(prior, population.forward, population.noise, population.y)
-    chol = torch.linalg.cholesky(cov)
-    z = torch.randn(
-        (mean.shape[0], num_samples, mean.shape[1]),
-        generator=generator,
-        device=mean.device,
-        dtype=mean.dtype,
-    )
-    return mean[:, None, :] + torch.einsum("nij,nsj->nsi", chol, z)
-
-
 class PosteriorSamplingModule(pl.LightningModule):
-    """Wraps a prior and a posterior sampler for ``Trainer.predict`` over observation batches.
+    """Wraps a prior and a posterior method for ``Trainer.predict`` over observation batches.
 
     Arguments:
         prior: the current prior (a Denoiser).
         population: the observations.
-        sampler: keyword arguments of :func:`hierprior.posterior.sample_posterior` (``method``,
-            ``steps`` and the method's options), or ``{"method": "exact"}``.
+        method: the posterior method (:class:`~hierprior.posterior.PosteriorMethod`).
         num_samples: posterior samples per observation S.
         seed: the run seed; round_index: the EM round (both enter each batch's seed).
     """
@@ -75,42 +72,32 @@ class PosteriorSamplingModule(pl.LightningModule):
         self,
         prior,
         population: Population,
-        sampler: dict,
+        method: PosteriorMethod,
         num_samples: int,
         seed: int,
         round_index: int,
+        purpose: str = "estep",
     ):
         super().__init__()
         self.prior = prior
         self.population = population
-        self.sampler = dict(sampler)
+        self.method = method
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.round_index = int(round_index)
+        self.purpose = purpose
 
     def predict_step(self, batch: Tensor, batch_idx: int = 0) -> dict:
         indices = batch.flatten().cpu()
         sub = self.population[indices].to(self.device)
         generator = torch.Generator(self.device)
-        generator.manual_seed(derive_seed(self.seed, self.round_index, int(indices[0])))
-        options = dict(self.sampler)
-        method = options.pop("method")
-        if method == "exact":
-            samples = exact_posterior_samples(self.prior, sub, self.num_samples, generator)
-        else:
-            from hierprior.posterior import sample_posterior
-
-            with torch.inference_mode(False), torch.enable_grad():
-                samples = sample_posterior(
-                    self.prior,
-                    sub.forward,
-                    sub.noise,
-                    sub.y,
-                    method=method,
-                    num_samples=self.num_samples,
-                    generator=generator,
-                    **options,
-                )
+        generator.manual_seed(
+            derive_seed(self.seed, self.round_index, self.purpose, int(indices[0]))
+        )
+        with torch.inference_mode(False), torch.enable_grad():
+            samples = self.method.sample(
+                self.prior, sub.forward, sub.noise, sub.y, self.num_samples, generator
+            )
         return {"indices": indices, "samples": samples.detach()}
 
 
@@ -127,46 +114,88 @@ class BankWriter(BasePredictionWriter):
         self.bank.write(prediction["indices"], prediction["samples"])
 
 
-def run_estep(
-    prior,
-    population: Population,
-    bank: SampleBank,
-    *,
-    sampler: dict,
-    num_samples: int,
-    batch_size: int,
-    seed: int,
-    round_index: int,
-    trainer: dict | None = None,
-    progress: bool = False,
-) -> SampleBank:
-    """Fills the bank with posterior samples of every observation it does not hold yet."""
-    bank.refresh()
-    todo = [b for b in estep_batches(len(population), batch_size) if not bank.done[b].all()]
-    if not todo:
-        return bank
-    log.info(
-        "E-step round %d: %d batch(es) of up to %d observations",
-        round_index,
-        len(todo),
-        batch_size,
-    )
-    module = PosteriorSamplingModule(prior, population, sampler, num_samples, seed, round_index)
-    loader = DataLoader(todo, batch_size=None, shuffle=False)
-    runner = pl.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        callbacks=[BankWriter(bank)],
-        inference_mode=False,
-        **(trainer or {}),
-    )
-    runner.predict(module, dataloaders=loader, return_predictions=False)
-    bank.refresh()
-    if not bank.is_complete():
-        missing = bank.missing().tolist()
-        raise RuntimeError(
-            f"E-step round {round_index} left observations without samples: {missing[:10]}"
+class EStep:
+    """The E-step: S posterior samples of every observation, stored in a sample bank.
+
+    Arguments:
+        sampler: the posterior method: a :class:`~hierprior.posterior.PosteriorMethod`, a
+            mapping ``{"method": name, "steps": ..., **options}`` (as in ``conf/sampler/``), or
+            a method name. Its options are checked here.
+        num_samples: posterior samples per observation and round, S >= 1.
+        batch_size: observations per E-step batch (one bank shard each).
+        trainer: Lightning Trainer arguments (``accelerator``, ``devices``, ``strategy``,
+            ``num_nodes``).
+        progress: show Lightning's progress bar.
+    """
+
+    def __init__(
+        self,
+        sampler: PosteriorMethod | Mapping | str = "mmps",
+        num_samples: int = 2,
+        batch_size: int = 64,
+        trainer: Mapping | None = None,
+        progress: bool = False,
+    ):
+        self.method = posterior_method(sampler)
+        self.num_samples = _positive_int(num_samples, "estep num_samples")
+        self.batch_size = _positive_int(batch_size, "estep batch_size")
+        self.trainer = check_trainer(trainer, TRAINER_KEYS, "E-step")
+        self.progress = bool(progress)
+
+    def options(self) -> dict:
+        """What identifies this E-step in a run directory (JSON-able)."""
+        return {
+            "sampler": self.method.options(),
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+        }
+
+    def check(self, prior, population: Population) -> None:
+        """Raises a ValueError when the method cannot run on this prior and population."""
+        population.check_prior(prior)
+        self.method.check(prior, population.forward)
+
+    def __call__(
+        self,
+        prior,
+        population: Population,
+        bank: SampleBank,
+        *,
+        seed: int,
+        round_index: int,
+        purpose: str = "estep",
+    ) -> SampleBank:
+        """Fills the bank with posterior samples of every observation it does not hold yet."""
+        bank.refresh()
+        todo = [
+            b for b in estep_batches(len(population), self.batch_size) if not bank.done[b].all()
+        ]
+        if not todo:
+            return bank
+        log.info(
+            "E-step round %d: %d batch(es) of up to %d observations",
+            round_index,
+            len(todo),
+            self.batch_size,
         )
-    return bank
+        module = PosteriorSamplingModule(
+            prior, population, self.method, bank.num_samples, seed, round_index, purpose
+        )
+        runner = pl.Trainer(
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=self.progress,
+            enable_model_summary=False,
+            callbacks=[BankWriter(bank)],
+            inference_mode=False,
+            **self.trainer,
+        )
+        loader = DataLoader(todo, batch_size=None, shuffle=False)
+        runner.predict(module, dataloaders=loader, return_predictions=False)
+        bank.refresh()
+        if not bank.is_complete():
+            missing = bank.missing().tolist()
+            raise RuntimeError(
+                f"E-step round {round_index} left observations without samples: {missing[:10]}"
+            )
+        return bank

@@ -1,14 +1,20 @@
 r"""M-step: refit the prior on the E-step's posterior samples.
 
-- Gaussian prior: the maximum-likelihood Gaussian of all samples (``GaussianPrior.fit``), which
-  with exact posterior samples is the Monte-Carlo estimate of the closed-form Gaussian EM update
-  :math:`\mu' = \bar m`, :math:`\Sigma' = \overline{C + (m - \mu')(m - \mu')^\top}`.
-- Neural prior (:class:`~hierprior.diffusion.EDMDenoiser`): ``Trainer.fit`` of a
-  :class:`~hierprior.training.PriorModule` by denoising score matching on the samples, warm
-  started from the previous round's raw weights and EMA, with a fresh optimiser, for a fixed
-  number of steps. Lightning's ``last.ckpt`` (in ``<workdir>/checkpoints``) lets a killed M-step
-  resume; a checkpoint that fails to load is quarantined and the M-step restarts from the round's
-  initial weights.
+- :class:`GaussianMStep` (for a :class:`~hierprior.diffusion.GaussianPrior`): the maximum
+  likelihood Gaussian of all samples (``GaussianPrior.fit``), which with exact posterior samples
+  is the Monte-Carlo estimate of the closed-form Gaussian EM update :math:`\mu' = \bar m`,
+  :math:`\Sigma' = \overline{C + (m - \mu')(m - \mu')^\top}`.
+- :class:`NetworkMStep` (for a neural :class:`~hierprior.diffusion.EDMDenoiser`):
+  ``Trainer.fit`` of a :class:`~hierprior.training.PriorModule` by denoising score matching on
+  the samples, warm started from the previous round's raw weights and EMA, with a fresh
+  optimiser, for a fixed number of steps. Lightning's ``last.ckpt`` (in ``<workdir>/checkpoints``)
+  lets a killed M-step resume; a checkpoint that cannot be read (torn by a kill outside the
+  atomic write, or foreign) is quarantined and the M-step restarts from the round's initial
+  weights. Any other error propagates.
+
+Randomness: the training noise and times come from the module's generator seeded with
+(run seed, round, "mstep", "noise"), the batch order from (run seed, round, "mstep",
+"shuffle"); the global RNG is neither read nor reseeded.
 """
 
 from __future__ import annotations
@@ -16,119 +22,209 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torch import Tensor
 
 from hierprior.diffusion import EDMDenoiser, GaussianPrior
-from hierprior.diffusion.analytic import GaussianMixturePrior
+from hierprior.em.estep import check_trainer
+from hierprior.seeds import derive_seed
 
-__all__ = ["run_mstep", "MSTEP_DEFAULTS"]
+__all__ = ["GaussianMStep", "NetworkMStep", "default_mstep"]
 
 log = logging.getLogger(__name__)
 
-MSTEP_DEFAULTS = {
-    "steps": 500,
-    "batch_size": 64,
-    "lr": 2e-4,
-    "weight_decay": 0.0,
-    "warmup_steps": 0,
-    "ema_decay": 0.99,
-    "gradient_clip_val": 1.0,
-    "checkpoint_every": 100,
-    "min_eigenvalue": 1e-6,
-    "time_distribution": "lognormal",
-    "precision": "32-true",  # Lightning precision of the M-step, e.g. bf16-mixed on a GPU
-}
+TIME_DISTRIBUTIONS = ("lognormal", "uniform")
+#: Lightning Trainer arguments an M-step takes
+TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision")
 
 
-def run_mstep(
-    prior,
-    samples: Tensor,
-    workdir: str | os.PathLike,
-    *,
-    options: dict | None = None,
-    seed: int = 0,
-    raw_state: dict | None = None,
-    trainer: dict | None = None,
-    progress: bool = False,
-) -> tuple[object, dict | None]:
-    """Fits a new prior to samples (with shape (N, S, *event_shape)).
+def _int(value: object, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"mstep {name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
-    Returns the new prior (EMA weights for a neural prior) and, for a neural prior, the raw
-    training weights to warm start the next round (``{"raw": state_dict}``).
+
+def _float(value: object, name: str, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"mstep {name} must be a number, got {value!r}")
+    value = float(value)
+    if not (value >= low and (high is None or value < high)):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"mstep {name} must be {bound}, got {value}")
+    return value
+
+
+class GaussianMStep:
+    """M-step of a Gaussian prior: the maximum-likelihood Gaussian of the samples.
+
+    Arguments:
+        min_eigenvalue: floor of the fitted covariance's eigenvalues (keeps it SPD).
     """
-    opts = {**MSTEP_DEFAULTS, **(options or {})}
-    unknown = set(opts) - set(MSTEP_DEFAULTS)
-    if unknown:
-        raise ValueError(
-            f"unknown M-step option(s) {sorted(unknown)}; accepted: {sorted(MSTEP_DEFAULTS)}"
+
+    def __init__(self, min_eigenvalue: float = 1e-6):
+        self.min_eigenvalue = _float(min_eigenvalue, "min_eigenvalue", 0.0)
+
+    def options(self) -> dict:
+        return {"kind": "gaussian", "min_eigenvalue": self.min_eigenvalue}
+
+    def check(self, prior) -> None:
+        if not isinstance(prior, GaussianPrior):
+            raise TypeError(f"GaussianMStep fits a GaussianPrior, got {type(prior).__name__}")
+
+    def __call__(
+        self, prior, samples: Tensor, workdir: Path, *, seed: int, round_index: int, state=None
+    ) -> tuple[GaussianPrior, None]:
+        """The new prior fitted to samples (N, S, D); no training state."""
+        flat = samples.reshape(-1, *samples.shape[2:]).to(prior.mean)
+        return prior.fit(flat, min_eigenvalue=self.min_eigenvalue), None
+
+
+class NetworkMStep:
+    """M-step of a neural prior: denoising score-matching fine-tuning with Lightning.
+
+    Arguments:
+        steps: optimiser steps per round.
+        batch_size: samples per optimiser step.
+        lr, weight_decay, warmup_steps: AdamW settings and linear warm-up (fresh every round).
+        ema_decay: decay of the EMA of the weights (warm started from the previous prior).
+        gradient_clip_val: gradient-norm clipping.
+        checkpoint_every: optimiser steps between resumable ``last.ckpt`` checkpoints.
+        time_distribution: training times, ``"lognormal"`` (EDM) or ``"uniform"``.
+        trainer: Lightning Trainer arguments (``accelerator``, ``devices``, ``strategy``,
+            ``num_nodes``, ``precision``, e.g. ``"bf16-mixed"`` on a GPU).
+        progress: show Lightning's progress bar.
+    """
+
+    def __init__(
+        self,
+        steps: int = 500,
+        batch_size: int = 64,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ema_decay: float = 0.99,
+        gradient_clip_val: float = 1.0,
+        checkpoint_every: int = 100,
+        time_distribution: str = "lognormal",
+        trainer: Mapping | None = None,
+        progress: bool = False,
+    ):
+        self.steps = _int(steps, "steps", 1)
+        self.batch_size = _int(batch_size, "batch_size", 1)
+        self.lr = _float(lr, "lr", 0.0)
+        if self.lr == 0.0:
+            raise ValueError("mstep lr must be > 0, got 0")
+        self.weight_decay = _float(weight_decay, "weight_decay", 0.0)
+        self.warmup_steps = _int(warmup_steps, "warmup_steps", 0)
+        self.ema_decay = _float(ema_decay, "ema_decay", 0.0, 1.0)
+        self.gradient_clip_val = _float(gradient_clip_val, "gradient_clip_val", 0.0)
+        self.checkpoint_every = _int(checkpoint_every, "checkpoint_every", 1)
+        if time_distribution not in TIME_DISTRIBUTIONS:
+            raise ValueError(
+                f"unknown mstep time_distribution {time_distribution!r}; "
+                f"expected one of {list(TIME_DISTRIBUTIONS)}"
+            )
+        self.time_distribution = time_distribution
+        self.trainer = check_trainer(trainer, TRAINER_KEYS, "M-step")
+        self.progress = bool(progress)
+
+    def options(self) -> dict:
+        keys = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
+                "gradient_clip_val", "time_distribution")  # fmt: skip
+        return {"kind": "network", **{k: getattr(self, k) for k in keys},
+                "precision": str(self.trainer.get("precision", "32-true"))}  # fmt: skip
+
+    def check(self, prior) -> None:
+        if not isinstance(prior, EDMDenoiser):
+            raise TypeError(f"NetworkMStep trains an EDMDenoiser, got {type(prior).__name__}")
+
+    def seeds(self, seed: int, round_index: int) -> dict[str, int]:
+        """The seeds of the round's training noise and batch order."""
+        return {
+            "noise": derive_seed(seed, round_index, "mstep", "noise") % 2**63,
+            "shuffle": derive_seed(seed, round_index, "mstep", "shuffle") % 2**31,
+        }
+
+    def __call__(
+        self,
+        prior: EDMDenoiser,
+        samples: Tensor,
+        workdir: str | os.PathLike,
+        *,
+        seed: int,
+        round_index: int,
+        state: dict | None = None,
+    ) -> tuple[EDMDenoiser, dict]:
+        """Fine-tunes the prior on samples (N, S, *event_shape) in ``workdir``.
+
+        ``state`` is the previous round's training state (``{"raw": state_dict}``, the raw,
+        non-EMA weights), None in round 1 (the raw weights start from the prior's).
+
+        Returns the new prior (the EMA denoiser) and the training state to carry forward.
+        """
+        from hierprior.training import PriorModule, TensorDataModule
+
+        workdir = Path(workdir)
+        raw = copy.deepcopy(prior).train()
+        if state is not None:
+            raw.load_state_dict(state["raw"])
+        seeds = self.seeds(seed, round_index)
+        module = PriorModule(
+            raw,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            ema_decay=self.ema_decay,
+            time_distribution=self.time_distribution,
+            ema_state_dict=prior.state_dict(),
+            seed=seeds["noise"],
         )
-    flat = samples.reshape(-1, *samples.shape[2:])
-    if isinstance(prior, GaussianPrior):
-        return prior.fit(flat.to(prior.mean.dtype), min_eigenvalue=opts["min_eigenvalue"]), None
-    if isinstance(prior, GaussianMixturePrior):
-        raise NotImplementedError("EM over a GaussianMixturePrior is not supported")
-    if not isinstance(prior, EDMDenoiser):
-        raise TypeError(f"cannot run an M-step for a prior of type {type(prior).__name__}")
+        flat = samples.reshape(-1, *samples.shape[2:]).float()
+        data = TensorDataModule(flat, batch_size=self.batch_size, seed=seeds["shuffle"])
+        ckpt_dir = workdir / "checkpoints"
+        checkpoint = pl.callbacks.ModelCheckpoint(
+            dirpath=ckpt_dir,
+            save_last=True,
+            save_top_k=0,
+            every_n_train_steps=self.checkpoint_every,
+            enable_version_counter=False,
+        )
+        runner = pl.Trainer(
+            max_steps=self.steps,
+            default_root_dir=workdir,
+            logger=False,
+            callbacks=[checkpoint],
+            gradient_clip_val=self.gradient_clip_val,
+            enable_progress_bar=self.progress,
+            enable_model_summary=False,
+            **self.trainer,
+        )
+        last = ckpt_dir / "last.ckpt"
+        resume = str(last) if last.exists() and _readable_checkpoint(last) else None
+        runner.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        raw_out = {k: v.detach().cpu() for k, v in module.denoiser.state_dict().items()}
+        return module.sampling_prior(), {"raw": raw_out}
 
-    from hierprior.training import PriorModule, TensorDataModule
 
-    workdir = Path(workdir)
-    raw = copy.deepcopy(prior).train()
-    if raw_state is not None:
-        raw.load_state_dict(raw_state)
-    module = PriorModule(
-        raw,
-        lr=opts["lr"],
-        weight_decay=opts["weight_decay"],
-        warmup_steps=opts["warmup_steps"],
-        ema_decay=opts["ema_decay"],
-        time_distribution=opts["time_distribution"],
-        ema_state_dict=prior.state_dict(),
-    )
-    data = TensorDataModule(flat.float(), batch_size=opts["batch_size"], seed=seed % (2**31))
-    ckpt_dir = workdir / "checkpoints"
-    checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=ckpt_dir,
-        save_last=True,
-        save_top_k=0,
-        every_n_train_steps=opts["checkpoint_every"],
-    )
-    runner = pl.Trainer(
-        max_steps=opts["steps"],
-        default_root_dir=workdir,
-        logger=False,
-        callbacks=[checkpoint],
-        gradient_clip_val=opts["gradient_clip_val"],
-        precision=opts["precision"],
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        **(trainer or {}),
-    )
-    last = ckpt_dir / "last.ckpt"
-    pl.seed_everything(seed % (2**32), workers=True, verbose=False)
-    if last.exists():
-        try:
-            runner.fit(module, datamodule=data, ckpt_path=str(last))
-        except Exception as err:  # a torn or foreign checkpoint: start the M-step afresh
-            log.warning(
-                "M-step checkpoint %s failed to load (%s); restarting the M-step", last, err
-            )
-            os.replace(last, last.with_suffix(".ckpt.quarantined"))
-            return run_mstep(
-                prior,
-                samples,
-                workdir,
-                options=options,
-                seed=seed,
-                raw_state=raw_state,
-                trainer=trainer,
-                progress=progress,
-            )
-    else:
-        runner.fit(module, datamodule=data)
-    new_prior = module.sampling_prior()
-    raw_out = {k: v.detach().cpu() for k, v in module.denoiser.state_dict().items()}
-    return new_prior, {"raw": raw_out}
+def _readable_checkpoint(path: Path) -> bool:
+    """Whether a Lightning checkpoint loads; an unreadable one is moved aside (quarantined)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+            raise ValueError("not a Lightning checkpoint")
+        return True
+    except Exception as err:  # unpickling errors come in many types
+        target = path.with_suffix(".ckpt.quarantined")
+        os.replace(path, target)
+        log.warning("M-step checkpoint %s unreadable (%s); moved to %s, restarting the M-step",
+                    path, str(err).splitlines()[0][:120], target)  # fmt: skip
+        return False
+
+
+def default_mstep(prior) -> GaussianMStep | NetworkMStep:
+    """The M-step that fits this kind of prior, with default options."""
+    return GaussianMStep() if isinstance(prior, GaussianPrior) else NetworkMStep()

@@ -5,7 +5,11 @@ For an observation y with noise standard deviation :math:`\sigma` and a predicti
 
 .. math:: \chi^2_\nu = \frac{1}{M} \sum_{m=1}^{M} \left(\frac{y_m - \hat y_m}{\sigma_m}\right)^2,
 
-with M the number of measured values per observation. For Gaussian noise and the true signal,
+with M the number of measured values per observation. When only some entries carry data (an
+inpainting mask: missing entries hold 0 or pure noise), pass ``observed``: the sum and M then
+run over the observed entries only; averaging over all entries instead would report
+:math:`(1 - f) + f \chi^2_{\nu,\mathrm{obs}}` for an observed fraction f. For Gaussian noise
+and the true signal,
 :math:`M \chi^2_\nu \sim \chi^2(M)`, so :math:`\chi^2_\nu \approx 1 \pm \sqrt{2/M}`; values well
 above 1 flag under-fitting (or misspecification), well below 1 over-fitting. (Strictly the
 degrees of freedom are M minus the effective number of fitted parameters; with a prior over a
@@ -26,7 +30,13 @@ from torch import Tensor
 __all__ = ["residual_chi2"]
 
 
-def residual_chi2(y: Tensor, y_pred: Tensor, sigma: float | Tensor, batch_dims: int = 1) -> Tensor:
+def residual_chi2(
+    y: Tensor,
+    y_pred: Tensor,
+    sigma: float | Tensor,
+    batch_dims: int = 1,
+    observed: Tensor | None = None,
+) -> Tensor:
     """Reduced chi2 per observation, sum of squared normalised residuals over M values.
 
     Args:
@@ -39,6 +49,9 @@ def residual_chi2(y: Tensor, y_pred: Tensor, sigma: float | Tensor, batch_dims: 
             ``batch_dims=2``).
         batch_dims: Number of leading dims that index observations (kept); all trailing dims
             are measured values (M = their product).
+        observed: Optional boolean tensor broadcastable to the broadcast shape of y and
+            y_pred, True where an entry carries data (e.g. ``Mask.observed``); M is then the
+            number of observed entries of each row (every row needs at least one).
 
     Returns:
         The reduced chi2, with shape equal to the first ``batch_dims`` dims of the broadcast
@@ -87,6 +100,18 @@ def residual_chi2(y: Tensor, y_pred: Tensor, sigma: float | Tensor, batch_dims: 
             raise ValueError(f"sigma must be finite and positive, got {sigma}")
     else:
         raise TypeError(f"sigma must be a float or a torch.Tensor, got {type(sigma)}")
-    m = math.prod(shape[batch_dims:])
-    z = ((y - y_pred) / sigma).expand(shape)
-    return z.square().reshape(*shape[:batch_dims], -1).sum(-1) / m
+    z2 = ((y - y_pred) / sigma).expand(shape).square().reshape(*shape[:batch_dims], -1)
+    if observed is None:
+        return z2.sum(-1) / math.prod(shape[batch_dims:])
+    if not isinstance(observed, Tensor) or observed.dtype != torch.bool:
+        raise TypeError("observed must be a boolean tensor")
+    try:
+        keep = observed.to(z2.device).expand(shape).reshape(z2.shape)
+    except RuntimeError as err:
+        raise ValueError(
+            f"observed {tuple(observed.shape)} does not broadcast to {tuple(shape)}"
+        ) from err
+    m = keep.sum(-1)
+    if bool((m == 0).any()):
+        raise ValueError("some rows have no observed entry; their chi2 is undefined")
+    return torch.where(keep, z2, torch.zeros_like(z2)).sum(-1) / m

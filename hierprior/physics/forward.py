@@ -166,6 +166,15 @@ class ForwardModel(ObservationCount, nn.Module, abc.ABC):
         """True when one map applies to every observation (``num_obs is None``)."""
         return self.num_obs is None
 
+    @property
+    def observed(self) -> Tensor | None:
+        """Which output entries carry data: a boolean tensor broadcastable to (N, *output_shape)
+        (per observation) or output_shape (shared), or None when every entry does.
+
+        Metrics such as the residual chi2 count observed entries only.
+        """
+        return None
+
     def extra_repr(self) -> str:
         return (
             f"input_shape={self.input_shape}, output_shape={self.output_shape}, "
@@ -349,6 +358,11 @@ class Compose(ForwardModel):
         for m in reversed(self.models):
             y = m._adjoint(y)
         return y
+
+    @property
+    def observed(self) -> Tensor | None:
+        """The last member's observed entries (earlier members act before it)."""
+        return self.models[-1].observed
 
     def _select(self, index: Tensor) -> Compose:
         return Compose(*(m[index] for m in self.models))

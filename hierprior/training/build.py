@@ -1,6 +1,6 @@
 r"""Builders: a denoiser, data, a LightningModule, callbacks, loggers and a Trainer from a config.
 
-The config is the composed hydra tree of ``conf/config.yaml`` (see docs/api.md): groups
+The config is the composed hydra tree of ``conf/train_prior.yaml`` (see docs/api.md): groups
 ``data`` (a ``_target_`` returning the training tensor), ``prior`` (``backbone`` with a
 ``_target_``, and ``sigma_data``), ``schedule`` (a ``_target_``), ``trainer`` (a
 ``pytorch_lightning.Trainer`` ``_target_``) and ``logger`` (a mapping of name to logger
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
 
 from hierprior.diffusion.denoiser import EDMDenoiser
 from hierprior.diffusion.sampling import SAMPLERS
@@ -48,29 +47,10 @@ log = logging.getLogger(__name__)
 
 
 def plain_config(cfg: DictConfig | Mapping) -> dict:
-    """The config resolved into plain Python containers (for checkpoints and config.yaml).
-
-    A top-level section whose interpolations cannot be resolved (e.g. a group of another
-    task that refers to a key this run's data config lacks) is kept unresolved, with a
-    warning, instead of failing the run.
-    """
+    """The config resolved into plain Python containers (for checkpoints and config.yaml)."""
     if not isinstance(cfg, DictConfig):
         return dict(cfg)
-    try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    except InterpolationResolutionError:
-        pass
-    out = {}
-    for key in cfg:
-        try:
-            node = cfg[key]  # resolves a scalar against the whole config
-            if OmegaConf.is_config(node):
-                node = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
-        except InterpolationResolutionError as err:
-            log.warning("config section %r kept unresolved: %s", key, err)
-            node = OmegaConf.to_container(cfg, resolve=False)[key]
-        out[key] = node
-    return out
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
 def _instantiate(node, what: str):

@@ -70,8 +70,6 @@ def fit_prior(cfg: DictConfig) -> TrainOutputs:
     Raises a ValueError for an invalid config before loading any data, and whatever the data
     loader raises for a missing dataset (FileNotFoundError) before building the model.
     """
-    if cfg.get("task", "train_prior") != "train_prior":
-        raise ValueError(f"fit_prior runs task 'train_prior', the config says {cfg.task!r}")
     if not cfg.get("run_dir"):
         raise ValueError("the config needs a run_dir")
     check_train_config(cfg)

@@ -1,0 +1,22 @@
+"""Populations of corrupted observations built from parts: truths, forward models, noise.
+
+A population is simulated by :func:`simulate_population` from three ``_target_``-able parts
+and a seed: a truth generator (``(n, generator) -> (n, *signal_shape)``, e.g.
+:class:`MNISTDigits`), a forward model (a :class:`~hierprior.physics.ForwardModel`, or a
+generator of per-observation ones such as :class:`RandomMask`) and a noise model. A new
+experiment adds a config under ``conf/population/`` and, at most, a truth or forward-model
+generator in its own module here.
+"""
+
+from hierprior.populations.operators import RandomMask, RandomProjection
+from hierprior.populations.simulate import simulate_population
+from hierprior.populations.truths import GalaxyImages, GaussianSignals, MNISTDigits
+
+__all__ = [
+    "GalaxyImages",
+    "GaussianSignals",
+    "MNISTDigits",
+    "RandomMask",
+    "RandomProjection",
+    "simulate_population",
+]
