@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 
 import deprecation  # noqa: F401  (tarp 0.1.1 imports it without declaring it)
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from pqm import pqm_chi2
 from pqm.utils import _compute_counts_numpy
+from scipy import stats
 from scipy.stats import chi2, chi2_contingency
 from tarp import get_tarp_coverage
 
@@ -196,6 +198,246 @@ def test_permutation_pvalue_under_shift_is_minimal():
     r = pqmass(*gaussians(300, 300, 5, 1.0, seed=11), 20, 5, generator=0, permutations=49)
     assert r.perm_pvalue == pytest.approx(1 / 50)
     assert r.null_chi2.max().item() < r.chi2
+
+
+@pytest.mark.parametrize(
+    "k, shift, n, dim",
+    [
+        (2, 0.0, 100, 3),
+        (10, 0.0, 200, 4),
+        (10, 0.4, 200, 4),
+        (30, 0.5, 300, 6),
+        (20, 1.5, 400, 4),
+        (10, 2.5, 850, 2),  # p ~ 2e-301: past the 1e-280 switch to the continued fraction
+    ],
+)
+def test_pqmass_pvalues_match_scipy(k, shift, n, dim):
+    r = pqmass(*gaussians(n, n, dim, shift, seed=1), k, 5, generator=0)
+    assert r.dof == k - 1
+    assert r.pvalue == pytest.approx(chi2.sf(r.chi2, k - 1), rel=1e-6, abs=0)
+    assert np.isfinite(chi2.logsf(r.chi2, k - 1))
+    assert r.log_pvalue == pytest.approx(chi2.logsf(r.chi2, k - 1), rel=1e-6)
+    if shift == 2.5:
+        assert 0 < r.pvalue < 1e-280
+
+
+# Permutation-null calibration: P permutations give p-values on the grid {1, ..., P+1}/(P+1),
+# uniform on it under H0. Subtracting U/(P+1), U ~ U(0, 1) from a seeded generator, makes them
+# exactly U(0, 1), so a KS test applies.
+PERMS = 99
+
+
+def _ks_uniform(pvalues: np.ndarray, seed: int = 0) -> float:
+    jitter = np.random.default_rng(seed).random(len(pvalues)) / (PERMS + 1)
+    return stats.kstest(np.asarray(pvalues) - jitter, "uniform").pvalue
+
+
+@pytest.fixture(scope="module")
+def null_unequal_sizes():
+    """H0, n_x = 120 != n_y = 80, 5-d, K = 10, T = 10: (pvalue, perm_pvalue, chi2) x 300."""
+    rows = []
+    for s in range(300):
+        r = pqmass(
+            *gaussians(120, 80, 5, 0.0, seed=1000 + s), 10, 10, generator=s, permutations=PERMS
+        )
+        rows.append((r.pvalue, r.perm_pvalue, r.chi2))
+    return np.array(rows)
+
+
+def test_permutation_null_uniform_with_unequal_sizes(null_unequal_sizes, report):
+    # Kills a null built from one tessellation (chi2_t[:, 0] instead of the mean over T): that
+    # null is much wider than the observed mean's law and the p-values bunch up mid-range.
+    perm = null_unequal_sizes[:, 1]
+    ks = _ks_uniform(perm)
+    share = float(np.mean(perm < 0.05))
+    report(
+        f"PQMass permutation null, H0, 120 vs 80, K=10, T=10, P={PERMS}, 300 data sets: "
+        f"KS p = {ks:.3f}, share p < 0.05 = {share:.3f}"
+    )
+    assert ks > 1e-3
+    # binomial sd of the share: sqrt(0.05 * 0.95 / 300) = 0.0126; allow ~3 sd
+    assert abs(share - 0.05) < 0.04
+
+
+def test_chi2_pvalue_is_conservative_under_h0(null_unequal_sizes, report):
+    # The mean of T positively correlated chi2(K-1) values has mean K-1 but less spread than
+    # chi2(K-1), so its chi2(K-1) p-value rarely falls below 0.05 under H0 (module docstring).
+    pvals, means = null_unequal_sizes[:, 0], null_unequal_sizes[:, 2]
+    share = float(np.mean(pvals < 0.05))
+    sd_ratio = float(means.std(ddof=1) / np.sqrt(2 * 9))
+    report(
+        f"PQMass chi2 p-value, same H0 data sets: share p < 0.05 = {share:.3f}; sd of the mean "
+        f"chi2 / sd of chi2(9) = {sd_ratio:.2f}; mean chi2 = {means.mean():.2f} (K-1 = 9)"
+    )
+    assert share < 0.01
+    assert sd_ratio < 0.7
+    assert abs(means.mean() - 9) < 0.5  # 4 standard errors of the grand mean (sd ~ 1.6)
+
+
+def correlated_pairs(seed, n=100, dim=5, noise=0.3, shift=0.0):
+    """x_j = z_j + e_j, y_j = z_j + e'_j (+ shift): strongly correlated pairs."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    x = z + noise * torch.randn(n, dim, generator=g, dtype=torch.float64)
+    y = z + noise * torch.randn(n, dim, generator=g, dtype=torch.float64) + shift
+    return x, y
+
+
+def correlated_blocks(seed, blocks=30, size=5, dim=5, spread=0.5, noise=0.3):
+    """Blocks of `size` pairs: x_{b,s} = z_b + u_b + e, y_{b,s} = z_b + v_b + e'. Pairs of one
+    block share u_b (x side) and v_b (y side), so only whole blocks are exchangeable."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    z = draw(blocks, 1, dim)
+    u = draw(blocks, 1, dim, scale=spread)
+    v = draw(blocks, 1, dim, scale=spread)
+    x = (z + u + draw(blocks, size, dim, scale=noise)).reshape(blocks * size, dim)
+    y = (z + v + draw(blocks, size, dim, scale=noise)).reshape(blocks * size, dim)
+    return x, y, torch.arange(blocks).repeat_interleave(size)
+
+
+def test_paired_null_calibrated_where_unpaired_is_conservative(report):
+    paired, unpaired = [], []
+    for s in range(300):
+        x, y = correlated_pairs(2000 + s)
+        kw = dict(num_refs=10, re_tessellations=10, generator=s, permutations=PERMS)
+        paired.append(pqmass(x, y, paired=True, **kw).perm_pvalue)
+        unpaired.append(pqmass(x, y, **kw).perm_pvalue)
+    paired, unpaired = np.array(paired), np.array(unpaired)
+    ks = _ks_uniform(paired)
+    report(
+        f"PQMass paired null, H0 correlated pairs (100 pairs, 5-d, K=10, T=10, 300 sets): "
+        f"KS p = {ks:.3f}, share p < 0.05 = {np.mean(paired < 0.05):.3f}; unpaired null on "
+        f"the same data: share p < 0.05 = {np.mean(unpaired < 0.05):.3f}, "
+        f"mean p = {unpaired.mean():.3f}"
+    )
+    assert ks > 1e-3 and abs(np.mean(paired < 0.05) - 0.05) < 0.04
+    # label shuffles break the pairs: the null is far too wide, p-values pile up near 1
+    assert np.mean(unpaired < 0.05) < 0.01 and unpaired.mean() > 0.9
+
+
+def test_paired_null_has_power_where_unpaired_has_none(report):
+    paired, unpaired = [], []
+    for s in range(60):
+        x, y = correlated_pairs(3000 + s, shift=0.15)
+        kw = dict(num_refs=10, re_tessellations=10, generator=s, permutations=PERMS)
+        paired.append(pqmass(x, y, paired=True, **kw).perm_pvalue < 0.05)
+        unpaired.append(pqmass(x, y, **kw).perm_pvalue < 0.05)
+    report(
+        f"PQMass, shift 0.15 of correlated pairs (60 sets): rejected at 5% by the paired null "
+        f"{np.mean(paired):.2f}, by the unpaired null {np.mean(unpaired):.2f}"
+    )
+    # measured 0.63 vs 0.00 over 100 sets; a binomial sd at 60 sets is ~0.06
+    assert np.mean(paired) > 0.35 and np.mean(paired) > np.mean(unpaired) + 0.3
+
+
+def test_paired_null_with_groups_calibrated_for_block_correlated_pairs(report):
+    grouped, per_pair = [], []
+    for s in range(200):
+        x, y, groups = correlated_blocks(4000 + s)
+        kw = dict(num_refs=10, re_tessellations=10, generator=s, permutations=PERMS)
+        grouped.append(pqmass(x, y, paired=True, groups=groups, **kw).perm_pvalue)
+        per_pair.append(pqmass(x, y, paired=True, **kw).perm_pvalue)
+    grouped, per_pair = np.array(grouped), np.array(per_pair)
+    ks = _ks_uniform(grouped)
+    report(
+        f"PQMass paired null with groups, H0 blocks of 5 pairs (30 blocks, 200 sets): KS p = "
+        f"{ks:.3f}, share p < 0.05 = {np.mean(grouped < 0.05):.3f}; one coin per pair "
+        f"instead: share p < 0.05 = {np.mean(per_pair < 0.05):.3f}"
+    )
+    # binomial sd of the share at 200 sets: 0.015
+    assert ks > 1e-3 and abs(np.mean(grouped < 0.05) - 0.05) < 0.045
+    # swapping pairs one by one ignores the shared block offsets: far too narrow a null
+    assert np.mean(per_pair < 0.05) > 0.5
+
+
+def test_paired_null_values_are_those_of_pair_swaps():
+    # With explicit references the null statistic of a swap pattern is the observed statistic
+    # of the swapped data. 5 pairs: 32 patterns; a pattern and its complement give the same
+    # table up to the row order, so each value class has probability (multiplicity)/32.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(5, 2, generator=g, dtype=torch.float64) + 0.5
+    refs = torch.tensor(
+        [[[-1.0, 0.0], [1.0, 0.0]], [[0.0, -1.0], [0.0, 1.5]]], dtype=torch.float64
+    )
+
+    def swap_stat(mask):
+        m = torch.tensor(mask, dtype=torch.bool)[:, None]
+        return pqmass(torch.where(m, y, x), torch.where(m, x, y), refs=refs).chi2
+
+    def classes(patterns):
+        values = np.array([swap_stat(m) for m in patterns])
+        return np.unique(np.round(values, 9), return_counts=True)
+
+    def nearest_class(null, values):
+        """Index of the class of every null value; each must be a pattern's statistic."""
+        dist = np.abs(np.asarray(null)[:, None] - values[None])
+        assert (dist.min(1) < 1e-8 * np.maximum(1.0, values.max())).all()
+        return dist.argmin(1)
+
+    base = pqmass(x, y, refs=refs)
+    perms = 2000
+    for groups, patterns in (
+        (None, list(itertools.product([0, 1], repeat=5))),
+        (torch.tensor([7, 7, 3, 3, 3]), [(a, a, b, b, b) for a in (0, 1) for b in (0, 1)]),
+    ):
+        values, mult = classes(patterns)
+        r = pqmass(x, y, refs=refs, paired=True, groups=groups, permutations=perms, generator=0)
+        # the observed statistic and its chi2 p-values do not depend on the null
+        assert (r.chi2, r.pvalue, r.log_pvalue) == (base.chi2, base.pvalue, base.log_pvalue)
+        seen = np.bincount(nearest_class(r.null_chi2.numpy(), values), minlength=len(values))
+        # fair coins: class counts are multinomial with probabilities multiplicity / #patterns
+        expected = perms * mult / mult.sum()
+        assert stats.chisquare(seen, expected).pvalue > 1e-3, (seen, expected)
+    # the unpaired null shuffles all 10 labels, which reaches tables no pair swap gives
+    values, _ = classes(list(itertools.product([0, 1], repeat=5)))
+    unpaired = pqmass(x, y, refs=refs, permutations=200, generator=0).null_chi2.numpy()
+    assert np.abs(unpaired[:, None] - values[None]).min(1).max() > 1e-3
+
+
+def test_paired_null_reproducible_and_leaves_global_rng_alone():
+    x, y = correlated_pairs(6, n=60)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    a = pqmass(x, y, 8, 4, paired=True, permutations=20, generator=3)
+    b = pqmass(
+        x, y, 8, 4, paired=True, permutations=20, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(before, torch.get_rng_state())
+    assert torch.equal(a.null_chi2, b.null_chi2) and a.null_chi2.shape == (20,)
+    c = pqmass(x, y, 8, 4, permutations=20, generator=3)
+    assert (a.chi2, a.pvalue) == (c.chi2, c.pvalue) and not torch.equal(a.null_chi2, c.null_chi2)
+
+
+def test_paired_bad_input():
+    x, y = correlated_pairs(0, n=40)
+    with pytest.raises(ValueError, match="as many x as y"):
+        pqmass(x, y[:30], 5, 2, paired=True, permutations=5, generator=0)
+    with pytest.raises(ValueError, match="groups is only used by the paired null"):
+        pqmass(x, y, 5, 2, groups=torch.arange(40), permutations=5, generator=0)
+    with pytest.raises(ValueError, match=r"groups must have shape \(40,\)"):
+        pqmass(x, y, 5, 2, paired=True, groups=torch.arange(39), permutations=5, generator=0)
+    with pytest.raises(ValueError, match=r"groups must have shape \(40,\)"):
+        pqmass(
+            x,
+            y,
+            5,
+            2,
+            paired=True,
+            groups=torch.zeros(40, 1, dtype=torch.long),
+            permutations=5,
+            generator=0,
+        )
+    with pytest.raises(TypeError, match="integer"):
+        pqmass(x, y, 5, 2, paired=True, groups=torch.zeros(40), permutations=5, generator=0)
+    with pytest.raises(ValueError, match="permutations > 0"):
+        pqmass(x, y, 5, 2, paired=True, generator=0)
+    with pytest.raises(TypeError, match="paired must be a bool"):
+        pqmass(x, y, 5, 2, paired=1, permutations=5, generator=0)
 
 
 def test_pqmass_normalize_guards_constant_features():
