@@ -4,10 +4,11 @@ One E-step draws :math:`x_i \sim p_\theta(x \mid y_i)` for N observations
 :math:`y_i = m_i \odot x_i + n_i` (per-observation random masks :math:`m_i`, 25% of the pixels
 observed, :math:`n_i \sim \mathcal{N}(0, 0.1^2 I)`) under a diffusion prior
 :math:`D(x_t, t) = c_{skip} z + c_{out} F(c_{in} z, c_{noise})` (EDM preconditioning,
-:math:`z = x_t / \alpha_t`) with a fixed U-Net F with random (seeded) weights. For every method
-of :data:`hierprior.posterior.POSTERIOR_METHODS` (and the unconditional prior sampler as a
-floor) it times :func:`hierprior.posterior.sample_posterior` with ``num_samples=1`` for
-``--steps`` steps after one warm-up run, and reports
+:math:`z = x_t / \alpha_t`) with a fixed U-Net F with random (seeded) weights. For every
+diffusion method of :data:`hierprior.posterior.POSTERIOR_METHODS` (all but ``exact``, which
+needs a Gaussian prior; and the unconditional prior sampler as a floor) it times
+:func:`hierprior.posterior.sample_posterior` with ``num_samples=1`` for ``--steps`` steps after
+one warm-up run, and reports
 
 - observation-steps per second, :math:`N \cdot \mathrm{steps} / \mathrm{seconds}`;
 - posterior samples per second, :math:`N / \mathrm{seconds}`;
@@ -67,7 +68,12 @@ from torch import Tensor, nn
 from hierprior.diffusion import EDMDenoiser, sample
 from hierprior.nn import UNet
 from hierprior.physics import GaussianNoise, Mask
-from hierprior.posterior import POSTERIOR_METHODS, PosteriorSamplingError, sample_posterior
+from hierprior.posterior import (
+    POSTERIOR_METHODS,
+    DenoiserMethod,
+    PosteriorSamplingError,
+    sample_posterior,
+)
 
 try:
     import azula
@@ -346,7 +352,7 @@ def make_cases(
         return torch.Generator(device=device).manual_seed(seed)
 
     def posterior(method: str, **options) -> Callable[[int], Tensor]:
-        if POSTERIOR_METHODS[method].denoiser is not None:
+        if issubclass(POSTERIOR_METHODS[method], DenoiserMethod):
             options = {"sampler": sampler, **options}
 
         def run(seed: int) -> Tensor:
@@ -646,7 +652,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    known = ["prior", *POSTERIOR_METHODS]
+    # "exact" samples a GaussianPrior's closed-form posterior: not an option for a U-Net prior
+    known = ["prior", *(m for m in POSTERIOR_METHODS if m != "exact")]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(

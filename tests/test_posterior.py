@@ -1,4 +1,5 @@
-"""Tests of hierprior.posterior: solvers, closed forms, diagnostics, validation, independence.
+"""Tests of hierprior.posterior: solvers, closed forms, diagnostics, method objects and their
+options, conf/sampler/, validation, independence, the exact Gaussian sampler.
 
 Accuracy against the exact posterior (W2 versus the sampler's discretisation floor), the
 azula cross-check and the Gaussian-mixture SMC check are in test_posterior_accuracy.py.
@@ -6,18 +7,31 @@ azula cross-check and the Gaussian-mixture SMC check are in test_posterior_accur
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from hierprior.diffusion import GaussianMixturePrior, GaussianPrior
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.physics import DenseLinear, GaussianNoise, Mask, NonLinear
 from hierprior.posterior import (
+    CLA,
+    DAPS,
+    DPS,
+    MMPS,
     POSTERIOR_METHODS,
+    TDS,
+    DenoiserMethod,
+    ExactGaussian,
     MMPSDenoiser,
     Observation,
+    PiGDM,
+    PosteriorMethod,
     PosteriorSamplingError,
     conjugate_gradient,
     coverage_error,
@@ -29,12 +43,17 @@ from hierprior.posterior import (
     gaussian_fit,
     gaussian_w2,
     gmres,
+    posterior_method,
+    register_method,
     sample_posterior,
     solve,
 )
 
 F64 = torch.float64
 METHODS = sorted(POSTERIOR_METHODS)
+#: the methods that sample through a diffusion (all but the closed-form "exact")
+DIFFUSION_METHODS = [m for m in METHODS if m != "exact"]
+SAMPLER_CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
 
 
 # one thread (small ops are faster and less noisy on 2 cores), also for module fixtures
@@ -326,6 +345,226 @@ def test_validation_errors():
         run(prior=torch.nn.Linear(8, 8))
 
 
+# ----------------------------------------------------------------------------- method objects
+
+
+def test_registry_and_exports():
+    classes = {
+        "mmps": MMPS,
+        "dps": DPS,
+        "cla": CLA,
+        "pigdm": PiGDM,
+        "daps": DAPS,
+        "tds": TDS,
+        "exact": ExactGaussian,
+    }
+    assert list(POSTERIOR_METHODS) == list(classes)  # registration order = documented order
+    assert POSTERIOR_METHODS == classes
+    for name, cls in classes.items():
+        assert cls.name == name and issubclass(cls, PosteriorMethod)
+        assert issubclass(cls, DenoiserMethod) == (name in ("mmps", "dps", "cla", "pigdm"))
+        # common options first in every signature's tail, steps first
+        assert cls.accepted_options()[0] == "steps"
+        assert {"spacing", "batch_size"} <= set(cls.accepted_options())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [-1, "bogus"])
+def test_every_option_is_checked_at_construction(method, bad):
+    """Each constructor option, given a bad value, fails at construction naming the option."""
+    cls = POSTERIOR_METHODS[method]
+    for option in cls.accepted_options():
+        with pytest.raises((ValueError, TypeError), match=rf"\b{option}\b"):
+            cls(**{option: bad})
+
+
+@pytest.mark.parametrize(
+    "method, options, error, match",
+    [
+        ("mmps", {"eta": 0.5}, ValueError, r"eta is an option of sampler='ddim', not 'ddpm'"),
+        ("dps", {"sampler": "heun", "eta": 0.1}, ValueError, "eta"),
+        ("cla", {"sampler": "ddim", "eta": 1.5}, ValueError, "eta"),
+        ("pigdm", {"sampler": "euler"}, ValueError, r"sampler 'euler'.*'ddpm'"),
+        ("mmps", {"solver": "qr"}, ValueError, "solver"),
+        ("mmps", {"iterations": 0}, ValueError, "iterations"),
+        ("mmps", {"iterations": None}, ValueError, "iterations"),  # mmps has no M-based default
+        ("mmps", {"steps": 0}, ValueError, "steps"),
+        ("mmps", {"steps": True}, ValueError, "steps"),
+        ("mmps", {"steps": 2.0}, ValueError, "steps"),
+        ("dps", {"zeta": float("nan")}, ValueError, "zeta"),
+        ("dps", {"zeta": "1"}, TypeError, "zeta"),
+        ("cla", {"spacing": "log"}, ValueError, "spacing"),
+        ("cla", {"batch_size": 0}, ValueError, "batch_size"),
+        ("pigdm", {"data_variance": 0.0}, ValueError, "data_variance"),
+        ("daps", {"lr": 0.0}, ValueError, "lr"),
+        ("daps", {"likelihood_step": "mcmc"}, ValueError, "likelihood_step"),
+        ("daps", {"ode_steps": 0}, ValueError, "ode_steps"),
+        ("daps", {"langevin_steps": 0}, ValueError, "langevin_steps"),
+        ("tds", {"ess_threshold": 1.5}, ValueError, "ess_threshold"),
+        ("tds", {"particles": 0}, ValueError, "particles"),
+        ("tds", {"twist": "mmps"}, ValueError, "twist"),
+        ("exact", {"steps": 0}, ValueError, "steps"),
+    ],
+)
+def test_bad_option_values(method, options, error, match):
+    with pytest.raises(error, match=match):
+        posterior_method(method, **options)
+
+
+def test_posterior_method_builds_and_names_problems():
+    with pytest.raises(ValueError, match=r"unknown posterior method 'nope'; known methods: ") as e:
+        posterior_method("nope")
+    assert all(f"'{name}'" in str(e.value) for name in POSTERIOR_METHODS)
+    with pytest.raises(ValueError, match="unknown posterior method"):
+        posterior_method({"method": "nope"})
+    # an unknown option: the method, the bad options and the accepted ones are named
+    with pytest.raises(TypeError) as e:
+        posterior_method("dps", solver="cg", zeta=2.0, kappa=1)
+    accepted = sorted(DPS.accepted_options())
+    assert str(e.value) == (
+        f"method 'dps' does not take option(s) ['kappa', 'solver']; accepted options: {accepted}"
+    )
+    # by name, from a mapping (options override it), an instance as is
+    m = posterior_method("mmps", steps=32, iterations=2)
+    assert isinstance(m, MMPS) and (m.steps, m.iterations, m.solver) == (32, 2, "cg")
+    spec = {"method": "tds", "steps": 8, "particles": 4}
+    t = posterior_method(spec, particles=2)
+    assert isinstance(t, TDS) and (t.steps, t.particles) == (8, 2)
+    assert spec == {"method": "tds", "steps": 8, "particles": 4}  # not modified
+    assert posterior_method(m) is m
+    with pytest.raises(TypeError, match="instance and options"):
+        posterior_method(m, steps=3)
+    with pytest.raises(ValueError, match="'method' key"):
+        posterior_method({"steps": 3})
+    with pytest.raises(TypeError, match="method must be"):
+        posterior_method(3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_options_are_plain_and_round_trip(method):
+    cls = POSTERIOR_METHODS[method]
+    default = cls()
+    opts = default.options()
+    assert list(opts) == ["method", *cls.accepted_options()]
+    assert opts["method"] == method and opts["steps"] == 256
+    assert json.loads(json.dumps(opts)) == opts  # JSON-able, plain values
+    assert posterior_method(opts) == default and hash(posterior_method(opts)) == hash(default)
+    changed = posterior_method(method, steps=7, batch_size=3)
+    assert changed != default and changed.options() == {**opts, "steps": 7, "batch_size": 3}
+    assert repr(changed).startswith(f"{cls.__name__}(steps=7, ")
+
+
+def test_options_hold_checked_values():
+    # an int where a float is expected is stored as float: equal configs, equal fingerprints
+    assert DPS(zeta=2).options() == DPS(zeta=2.0).options()
+    assert isinstance(DPS(zeta=2).options()["zeta"], float)
+
+
+def test_sampler_configs_build_every_method():
+    files = sorted(SAMPLER_CONF.glob("*.yaml"))
+    assert {f.stem for f in files} == set(POSTERIOR_METHODS)
+    for f in files:
+        cfg = OmegaConf.to_container(OmegaConf.load(f))
+        method = posterior_method(cfg)
+        assert method.name == f.stem == cfg["method"]
+        options = method.options()
+        assert {k: options[k] for k in cfg} == cfg, f.name  # every value as written
+        if f.stem == "exact":
+            assert cfg == {"method": "exact"}
+        else:  # complete: every option overridable from the command line
+            assert set(cfg) == set(options), f.name
+        # one comment per option line
+        lines = [x for x in f.read_text().splitlines() if re.match(r"^\w+:", x)]
+        assert all("#" in x for x in lines if not x.startswith("method:")), f.name
+
+
+def test_register_method_refuses_bad_classes():
+    before = dict(POSTERIOR_METHODS)
+
+    class Nameless(PosteriorMethod):
+        pass
+
+    class Variadic(PosteriorMethod):
+        name = "variadic"
+
+        def __init__(self, steps: int = 256, **options):
+            super().__init__(steps, **options)
+
+    class Clash(PosteriorMethod):
+        name = "mmps"
+
+    with pytest.raises(TypeError, match="name"):
+        register_method(Nameless)
+    with pytest.raises(TypeError, match=r"explicitly.*options"):
+        register_method(Variadic)
+    with pytest.raises(ValueError, match="'mmps' is already registered"):
+        register_method(Clash)
+    with pytest.raises(TypeError, match="PosteriorMethod subclass"):
+        register_method(dict)
+    assert POSTERIOR_METHODS == before
+
+
+def test_defaults_resolved_from_the_forward_model():
+    prior, forward, noise, y, _ = gaussian_problem(n=2)  # M = 4
+    wide = DenseLinear(torch.randn(40, 8, dtype=F64))  # M = 40
+    nonlinear = NonLinear(torch.tanh, (8,), (8,))
+    assert CLA().resolve(forward)["iterations"] == 4
+    assert CLA().resolve(wide)["iterations"] == 32
+    assert CLA(iterations=7).resolve(wide)["iterations"] == 7
+    assert CLA().options()["iterations"] is None  # the recorded options keep None
+    assert PiGDM().resolve(wide)["iterations"] == 32
+    assert DAPS().resolve(forward)["likelihood_step"] == "exact"
+    assert DAPS().resolve(nonlinear)["likelihood_step"] == "langevin"
+    assert TDS().resolve(forward, num_samples=6)["particles"] == 6
+    assert TDS().resolve(forward)["twist"] == "pigdm"
+    assert TDS().resolve(nonlinear)["twist"] == "dps"
+    assert TDS(particles=3).resolve(forward, num_samples=6)["particles"] == 3
+    with pytest.raises(ValueError, match="multiple of particles"):
+        TDS(particles=4).resolve(forward, num_samples=6)
+
+
+def test_check_needs_no_observations():
+    prior, forward, _, _, _ = gaussian_problem(n=2)
+    nonlinear = NonLinear(lambda x: x[:, :4] ** 2, (8,), (4,))
+    gmm = GaussianMixturePrior(torch.ones(1, dtype=F64), prior.mean[None], prior.cov[None])
+    for name in METHODS:
+        POSTERIOR_METHODS[name]().check(prior, forward)  # every method runs here
+    with pytest.raises(ValueError, match="likelihood_step='exact' needs a linear"):
+        DAPS(likelihood_step="exact").check(prior, nonlinear)
+    DAPS().check(prior, nonlinear)  # the default resolves to Langevin
+    with pytest.raises(ValueError, match="twist='pigdm' needs a linear"):
+        TDS(twist="pigdm").check(prior, nonlinear)
+    TDS().check(prior, nonlinear)
+    with pytest.raises(ValueError, match="GaussianPrior.*GaussianMixturePrior"):
+        ExactGaussian().check(gmm, forward)
+    with pytest.raises(ValueError, match="linear forward model.*NonLinear"):
+        ExactGaussian().check(prior, nonlinear)
+    with pytest.raises(ValueError, match="input_shape"):
+        MMPS().check(prior, DenseLinear(torch.randn(4, 6, dtype=F64)))
+    with pytest.raises(TypeError, match="Denoiser"):
+        MMPS().check(torch.nn.Linear(8, 8), forward)
+    with pytest.raises(TypeError, match="ForwardModel"):
+        TDS().check(prior, torch.tanh)
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("dps", {"zeta": 2.0, "sampler": "ddim", "eta": 0.3}), ("tds", {"particles": 2})],
+)
+def test_sample_posterior_is_the_method_sample(method, options):
+    prior, forward, noise, y, _ = gaussian_problem(n=3)
+    a, info_a = sample_posterior(
+        prior, forward, noise, y, method, 5, 4, gen(7), return_info=True, **options
+    )
+    spec = posterior_method(method, steps=5, **options)
+    b, info_b = spec.sample(prior, forward, noise, y, 4, gen(7), return_info=True)
+    assert torch.equal(a, b)
+    assert len(info_a["chunks"]) == len(info_b["chunks"]) == 1
+    assert spec.sample(prior, forward, noise, y, generator=gen(7)).shape == (3, 1, 8)
+    with pytest.raises(TypeError, match=r"accepted options: \[.*'return_info'.*'x_init'"):
+        sample_posterior(prior, forward, noise, y, method, 5, 4, gen(7), xinit=None)
+
+
 # ----------------------------------------------------------------------------- NaN reporting
 
 
@@ -339,7 +578,7 @@ class ScaledLinear:
         return params["p"][:, None] * (x @ self.A.T)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", DIFFUSION_METHODS)
 def test_nan_observation_is_reported(method):
     prior, _, _, _, x = gaussian_problem(n=4)
     A = torch.randn(4, 8, generator=gen(9), dtype=F64) / math.sqrt(8)
@@ -513,3 +752,53 @@ def test_dps_zero_guidance_is_the_prior_sampler():
     a = sample_posterior(prior, forward, noise, y, "dps", 8, 5, None, **kw)
     b = sample(prior, 10, "ddim", 8, x_init=x_init.reshape(10, 8)).reshape(2, 5, 8)
     torch.testing.assert_close(a, b, atol=1e-12, rtol=0)  # identical arithmetic
+
+
+# ----------------------------------------------------------------------------- exact sampler
+
+
+def test_exact_method_is_mean_plus_cholesky_times_z():
+    prior, forward, noise, y, _ = gaussian_problem(n=5)
+    xs = sample_posterior(prior, forward, noise, y, "exact", 256, 7, gen(13))
+    mean, cov = exact_gaussian_posterior(prior, forward, noise, y)
+    z = torch.randn((5, 7, 8), generator=gen(13), dtype=F64)  # one draw, (N, S, D)
+    ref = mean[:, None] + (torch.linalg.cholesky(cov)[:, None] @ z[..., None])[..., 0]
+    torch.testing.assert_close(xs, ref, atol=1e-12, rtol=1e-12)  # same arithmetic
+    # steps and spacing are ignored; chunks see the same z rows
+    for opts in ({"steps": 1, "spacing": "uniform"}, {"batch_size": 2}):
+        again = sample_posterior(prior, forward, noise, y, "exact", num_samples=7,
+                                 generator=gen(13), **opts)  # fmt: skip
+        torch.testing.assert_close(again, xs, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="x_init"):
+        sample_posterior(prior, forward, noise, y, "exact", 4, 7, gen(0), x_init=xs)
+    # a float32 prior gets float32 samples
+    p32 = GaussianPrior(prior.mean.float(), prior.cov.float())
+    assert sample_posterior(p32, forward, noise, y, "exact", 4, 2, gen(0)).dtype == torch.float32
+
+
+def test_exact_method_samples_the_posterior():
+    prior, forward, noise, y, _ = gaussian_problem(n=3)
+    xs = sample_posterior(prior, forward, noise, y, "exact", num_samples=20_000, generator=gen(14))
+    mean, cov = exact_gaussian_posterior(prior, forward, noise, y)
+    sd = cov.diagonal(dim1=-2, dim2=-1).sqrt()
+    # Monte-Carlo error of a mean of 20,000 exact samples: sd / 141; 5 std
+    assert ((xs.mean(1) - mean).abs() <= 5 * sd / math.sqrt(20_000)).all()
+    # W2 of the Gaussian fit: only the fit's sampling error, ~sqrt(D(D+1)/4S) sd ~ 0.02 sd
+    assert float(gaussian_w2(*gaussian_fit(xs), mean, cov).max()) < 0.05
+
+
+def test_exact_method_reports_nan_observations():
+    prior, forward, noise, y, _ = gaussian_problem(n=4)
+    bad = DenseLinear(forward.A.clone())
+    bad.A[2, 0, 0] = float("nan")  # corrupted after construction
+    with pytest.raises(PosteriorSamplingError, match=r"exact: .*observations \[2\]") as info:
+        sample_posterior(prior, bad, noise, y, "exact", 4, 3, gen(0))
+    assert info.value.bad.tolist() == [False, False, True, False]
+    assert torch.isfinite(info.value.samples[~info.value.bad]).all()
+    # the closed form itself: NaN moments for that observation only, the others unchanged
+    mean, cov = exact_gaussian_posterior(prior, bad, noise, y)
+    ref_mean, ref_cov = exact_gaussian_posterior(prior, forward, noise, y)
+    assert torch.isnan(mean[2]).all() and torch.isnan(cov[2]).all()
+    keep = [0, 1, 3]
+    torch.testing.assert_close(mean[keep], ref_mean[keep])
+    torch.testing.assert_close(cov[keep], ref_cov[keep])

@@ -1,7 +1,26 @@
-"""Posterior sampling under diffusion priors: MMPS, DPS, CLA, ΠGDM, DAPS, TDS, exact oracles."""
+"""Posterior sampling under diffusion priors: MMPS, DPS, CLA, ΠGDM, DAPS, TDS, exact oracles.
 
-from hierprior.posterior.base import Observation, PosteriorDenoiser, PosteriorSamplingError
-from hierprior.posterior.cla import CLADenoiser
+Each method is a :class:`PosteriorMethod` registered in :data:`POSTERIOR_METHODS`
+(:func:`posterior_method` builds one by name or from a config mapping);
+:func:`sample_posterior` is the one-call entry point.
+"""
+
+# isort: off
+# the method modules register their classes on import: this order is POSTERIOR_METHODS' order
+from hierprior.posterior import mmps, dps, cla, pigdm, daps, smc, exact  # noqa: F401
+
+# isort: on
+from hierprior.posterior.base import (
+    POSTERIOR_METHODS,
+    DenoiserMethod,
+    Observation,
+    PosteriorDenoiser,
+    PosteriorMethod,
+    PosteriorSamplingError,
+    register_method,
+)
+from hierprior.posterior.cla import CLA, CLADenoiser
+from hierprior.posterior.daps import DAPS
 from hierprior.posterior.diagnostics import (
     coverage_error,
     expected_coverage,
@@ -9,27 +28,37 @@ from hierprior.posterior.diagnostics import (
     gaussian_fit,
     gaussian_w2,
 )
-from hierprior.posterior.dps import DPSDenoiser
+from hierprior.posterior.dps import DPS, DPSDenoiser
 from hierprior.posterior.exact import (
+    ExactGaussian,
     exact_gaussian_posterior,
     exact_gmm_posterior,
     forward_matrix,
 )
 from hierprior.posterior.linalg import conjugate_gradient, gmres, solve
-from hierprior.posterior.mmps import MMPSDenoiser
-from hierprior.posterior.pigdm import PiGDMDenoiser
-from hierprior.posterior.sampling import POSTERIOR_METHODS, PosteriorMethod, sample_posterior
+from hierprior.posterior.mmps import MMPS, MMPSDenoiser
+from hierprior.posterior.pigdm import PiGDM, PiGDMDenoiser
+from hierprior.posterior.sampling import posterior_method, sample_posterior
+from hierprior.posterior.smc import TDS
 
 __all__ = [
+    "CLA",
     "CLADenoiser",
+    "DAPS",
+    "DPS",
     "DPSDenoiser",
+    "DenoiserMethod",
+    "ExactGaussian",
+    "MMPS",
     "MMPSDenoiser",
     "Observation",
     "POSTERIOR_METHODS",
+    "PiGDM",
     "PiGDMDenoiser",
     "PosteriorDenoiser",
     "PosteriorMethod",
     "PosteriorSamplingError",
+    "TDS",
     "conjugate_gradient",
     "coverage_error",
     "exact_gaussian_posterior",
@@ -40,6 +69,8 @@ __all__ = [
     "gaussian_fit",
     "gaussian_w2",
     "gmres",
+    "posterior_method",
+    "register_method",
     "sample_posterior",
     "solve",
 ]

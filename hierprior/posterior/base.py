@@ -18,6 +18,14 @@ N·S rows, observation-major (row ``i * S + s`` is sample s of observation i), r
 the S axis. Every norm, inner product and solve is per (observation, sample) row, so the
 observations never couple.
 
+A posterior *method* is a :class:`PosteriorMethod`: an object holding the method's options,
+every one checked in its constructor (no prior needed), with :meth:`PosteriorMethod.check`
+for what needs the prior and forward model, :meth:`PosteriorMethod.sample` to draw the
+samples and :meth:`PosteriorMethod.options` (a plain dict) to record them. Each method's
+class registers itself in :data:`POSTERIOR_METHODS` with :func:`register_method`.
+:class:`DenoiserMethod` is the shared base of the methods that build a
+:class:`PosteriorDenoiser` and run an unconditional sampler (mmps, dps, cla, pigdm).
+
 Tensors inside the methods have shape (N, S, *event) (signals) or (N, S, *obs) (observation
 space); times have shape (N, S).
 
@@ -29,12 +37,14 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser, expand_time
+from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.io import device_dtype
 from hierprior.physics import ForwardModel, GaussianNoise
 
@@ -42,12 +52,23 @@ __all__ = [
     "PosteriorSamplingError",
     "Observation",
     "PosteriorDenoiser",
+    "PosteriorMethod",
+    "DenoiserMethod",
+    "POSTERIOR_METHODS",
+    "register_method",
+    "SPACINGS",
+    "check_model",
+    "check_observations",
     "check_problem",
     "check_int",
+    "check_optional_int",
     "check_float",
     "check_choice",
     "default_iterations",
 ]
+
+#: time grids of ``Schedule.timesteps``
+SPACINGS = ("edm", "uniform")
 
 
 class PosteriorSamplingError(RuntimeError):
@@ -88,23 +109,45 @@ def check_float(
     return value
 
 
+def check_optional_int(value: object, name: str, minimum: int = 1) -> int | None:
+    """None (a default resolved later), or an integer >= minimum."""
+    return None if value is None else check_int(value, name, minimum)
+
+
 def check_choice(value: object, name: str, choices) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
     return value
+
+
+def check_model(prior: Denoiser, forward: ForwardModel) -> None:
+    """Checks the types of prior and forward, and forward.input_shape == prior.event_shape."""
+    if not isinstance(prior, Denoiser):
+        raise TypeError(f"prior must be a hierprior Denoiser, got {type(prior).__name__}")
+    if not isinstance(forward, ForwardModel):
+        raise TypeError(f"forward must be a hierprior ForwardModel, got {type(forward).__name__}")
+    event = tuple(prior.event_shape)
+    if tuple(forward.input_shape) != event:
+        raise ValueError(
+            f"forward.input_shape {tuple(forward.input_shape)} != prior.event_shape {event}"
+        )
 
 
 def check_problem(prior: Denoiser, forward: ForwardModel, noise: GaussianNoise, y: Tensor):
     """Validates a posterior problem before any sampling; returns y in the prior's dtype.
 
-    Raises a TypeError or ValueError naming the problem: wrong types, y's shape versus the
-    forward model's output shape, observation counts that disagree, forward.input_shape
-    versus prior.event_shape, NaN/Inf in y, non-finite or non-positive noise levels.
+    Raises a TypeError or ValueError naming the problem: wrong types, forward.input_shape
+    versus prior.event_shape, y's shape versus the forward model's output shape, observation
+    counts that disagree, NaN/Inf in y, non-finite or non-positive noise levels.
     """
-    if not isinstance(prior, Denoiser):
-        raise TypeError(f"prior must be a hierprior Denoiser, got {type(prior).__name__}")
-    if not isinstance(forward, ForwardModel):
-        raise TypeError(f"forward must be a hierprior ForwardModel, got {type(forward).__name__}")
+    check_model(prior, forward)
+    return check_observations(prior, forward, noise, y)
+
+
+def check_observations(
+    prior: Denoiser, forward: ForwardModel, noise: GaussianNoise, y: Tensor
+) -> Tensor:
+    """The part of :func:`check_problem` after :func:`check_model` (noise and y)."""
     if not isinstance(noise, GaussianNoise):
         raise TypeError(
             f"noise must be a hierprior GaussianNoise, got {type(noise).__name__} "
@@ -112,11 +155,6 @@ def check_problem(prior: Denoiser, forward: ForwardModel, noise: GaussianNoise, 
         )
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be a tensor, got {type(y).__name__}")
-    event = tuple(prior.event_shape)
-    if tuple(forward.input_shape) != event:
-        raise ValueError(
-            f"forward.input_shape {tuple(forward.input_shape)} != prior.event_shape {event}"
-        )
     out = tuple(forward.output_shape)
     if y.ndim != len(out) + 1 or tuple(y.shape[1:]) != out:
         raise ValueError(
@@ -147,10 +185,13 @@ def check_problem(prior: Denoiser, forward: ForwardModel, noise: GaussianNoise, 
 
 
 def default_iterations(iterations: int | None, forward: ForwardModel, cap: int = 32) -> int:
-    """Solver iterations: the given value, else min(M, cap) with M the values per observation."""
+    """Solver iterations: the given value, else min(M, cap) with M the values per observation.
+
+    A given value is returned as is (the method's constructor checked it).
+    """
     if iterations is None:
         return min(math.prod(forward.output_shape), cap)
-    return check_int(iterations, "iterations")
+    return iterations
 
 
 # ----------------------------------------------------------------------------- observations
@@ -295,3 +336,282 @@ class PosteriorDenoiser(Denoiser):
         """(d out / d leaf)^T u through the retained graph, with the shape of leaf."""
         (g,) = torch.autograd.grad(out, leaf, grad_outputs=u, retain_graph=True)
         return g
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+class PosteriorMethod:
+    r"""Base class of the posterior methods: options checked at construction, then sampling.
+
+    Arguments:
+        steps: time steps of the sampler (>= 1); DAPS: annealing steps; TDS: SMC steps.
+        spacing: the time grid, ``"edm"`` or ``"uniform"`` (``Schedule.timesteps``).
+        batch_size: observations per chunk (bounds memory), or None for all at once.
+
+    A subclass sets the class attribute ``name``, takes ``steps``, ``spacing``,
+    ``batch_size`` and its own options as *named* constructor arguments (no ``**kwargs``:
+    the accepted options are read from the signature), checks every one of them in its
+    constructor and stores each under its own name; it implements :meth:`_sample_chunk` and,
+    where options depend on the forward model, :meth:`_defaults`. :func:`register_method`
+    adds it to :data:`POSTERIOR_METHODS`.
+    """
+
+    #: the method's name in :data:`POSTERIOR_METHODS` and in configs
+    name: str = ""
+
+    def __init__(self, steps: int = 256, *, spacing: str = "edm", batch_size: int | None = None):
+        self.steps = check_int(steps, "steps")
+        self.spacing = check_choice(spacing, "spacing", SPACINGS)
+        self.batch_size = check_optional_int(batch_size, "batch_size")
+
+    # ------------------------------------------------------------------ options
+    @classmethod
+    def accepted_options(cls) -> tuple[str, ...]:
+        """The constructor's arguments, in signature order (read with :mod:`inspect`)."""
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        variadic = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if variadic:
+            raise TypeError(
+                f"{cls.__name__}.__init__ must name its options explicitly, not *{variadic}"
+            )
+        return tuple(p.name for p in params)
+
+    def options(self) -> dict:
+        """``{"method": name, "steps": ..., **every other constructor argument}``, JSON-able.
+
+        Defaults that depend on the forward model stay None here (see :meth:`resolve`).
+        ``posterior_method(m.options()) == m``.
+        """
+        return {"method": self.name, **{k: getattr(self, k) for k in self.accepted_options()}}
+
+    def resolve(self, forward: ForwardModel, num_samples: int = 1) -> dict:
+        """:meth:`options` with the defaults that depend on the problem filled in."""
+        return {**self.options(), **self._defaults(forward, num_samples)}
+
+    def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:
+        """Values of the options left None whose default depends on forward / num_samples."""
+        return {}
+
+    def __repr__(self) -> str:
+        opts = self.options()
+        del opts["method"]
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PosteriorMethod):
+            return NotImplemented
+        return type(self) is type(other) and self.options() == other.options()
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self.options().items())))
+
+    # ------------------------------------------------------------------ sampling
+    def check(self, prior: Denoiser, forward: ForwardModel) -> None:
+        """Raises a TypeError / ValueError if this method cannot run with prior and forward.
+
+        The base checks the types and ``forward.input_shape == prior.event_shape``;
+        subclasses add what their options need (e.g. a linear forward model) and call
+        ``super().check``.
+        """
+        check_model(prior, forward)
+
+    def sample(
+        self,
+        prior: Denoiser,
+        forward: ForwardModel,
+        noise: GaussianNoise,
+        y: Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        *,
+        x_init: Tensor | None = None,
+        progress: bool = False,
+        return_info: bool = False,
+    ) -> Tensor | tuple[Tensor, dict]:
+        r"""Draws posterior samples :math:`x_i^{(s)} \sim p(x \mid y_i)` for every observation.
+
+        Arguments:
+            prior: the diffusion prior (any :class:`~hierprior.diffusion.denoiser.Denoiser`).
+            forward: the forward model; ``forward.input_shape == prior.event_shape``,
+                per-observation (num_obs = N) or shared.
+            noise: the Gaussian noise model (per-observation or shared).
+            y: the observations, with shape (N, *forward.output_shape).
+            num_samples: S, samples per observation (>= 1).
+            generator: the source of all randomness (on the prior's device); the global RNG
+                is never used when it is given.
+            x_init: the state at t = 1 (noise of std sigma_1), with shape (N, S, *event);
+                TDS: (N, G·P, *event). Default: drawn from ``generator``.
+            progress: show a progress bar per chunk.
+            return_info: also return ``{"chunks": [info of each chunk]}`` (CG→GMRES
+                fallbacks, TDS final ESS and resampling counts).
+
+        Returns:
+            Samples with shape (N, S, *prior.event_shape) (and the info dict).
+
+        Raises:
+            TypeError, ValueError: invalid input (before sampling), see :meth:`check` and
+                :func:`check_problem`.
+            PosteriorSamplingError: some observations' samples are not finite.
+        """
+        check_int(num_samples, "num_samples")
+        self.check(prior, forward)
+        y = check_observations(prior, forward, noise, y)
+        opts = self.resolve(forward, num_samples)
+        device, dtype = device_dtype(prior)
+        if generator is not None and torch.device(generator.device).type != device.type:
+            raise ValueError(f"generator is on {generator.device} but the prior is on {device}")
+        y = y.to(device)
+        n = y.shape[0]
+        shape = (n, self._rows(opts, num_samples), *prior.event_shape)
+        state = self._initial(prior, shape, x_init, generator, device, dtype)
+        timesteps = prior.schedule.timesteps(self.steps, spacing=self.spacing, device=device)
+        chunk = self.batch_size or n
+        outputs, infos = [], []
+        for start in range(0, n, chunk):
+            idx = slice(start, min(start + chunk, n))
+            whole = start == 0 and chunk >= n
+            observation = Observation(
+                forward if whole else forward[idx], noise if whole else noise[idx], y[idx]
+            )
+            out, info = self._sample_chunk(
+                prior, observation, state[idx], timesteps, num_samples, generator, opts, progress
+            )
+            outputs.append(out)
+            infos.append(info)
+        samples = torch.cat(outputs)
+        bad = ~torch.isfinite(samples.flatten(1)).all(1)
+        if bool(bad.any()):
+            raise PosteriorSamplingError(
+                f"{self.name}: the samples of observations {bad.nonzero().flatten().tolist()} "
+                "hold NaN or Inf (the others are in .samples; .bad marks the failed ones)",
+                samples,
+                bad,
+            )
+        if return_info:
+            return samples, {"chunks": infos}
+        return samples
+
+    # ------------------------------------------------------------------ hooks
+    def _rows(self, opts: dict, num_samples: int) -> int:
+        """Rows per observation of the initial state: S (TDS: G·P)."""
+        return num_samples
+
+    def _initial(
+        self,
+        prior: Denoiser,
+        shape: tuple[int, ...],
+        x_init: Tensor | None,
+        generator: torch.Generator | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """The state at t = 1 with the given shape: sigma_1 * eps, or the checked x_init."""
+        if x_init is None:
+            _, sigma = prior.schedule.alpha_sigma(torch.tensor(1.0, dtype=torch.float64))
+            eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+            return float(sigma) * eps
+        if not isinstance(x_init, Tensor) or tuple(x_init.shape) != shape:
+            raise ValueError(
+                f"x_init must have shape {shape}, got {tuple(getattr(x_init, 'shape', ()))}"
+            )
+        if not torch.isfinite(x_init).all():
+            raise ValueError("x_init holds NaN or Inf")
+        return x_init.to(device=device, dtype=dtype)
+
+    def _sample_chunk(
+        self,
+        prior: Denoiser,
+        observation: Observation,
+        state: Tensor,
+        timesteps: Tensor,
+        num_samples: int,
+        generator: torch.Generator | None,
+        opts: dict,
+        progress: bool,
+    ) -> tuple[Tensor, dict]:  # pragma: no cover
+        """Samples (n, S, *event) of a chunk of n observations, and the chunk's info dict.
+
+        ``state`` is the chunk's rows of the initial state, ``opts`` is :meth:`resolve`.
+        """
+        raise NotImplementedError
+
+
+#: every posterior method by name (filled by :func:`register_method`)
+POSTERIOR_METHODS: dict[str, type[PosteriorMethod]] = {}
+
+
+def register_method(cls: type[PosteriorMethod]) -> type[PosteriorMethod]:
+    """Class decorator: adds a :class:`PosteriorMethod` subclass under its ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, PosteriorMethod)):
+        raise TypeError(f"register_method takes a PosteriorMethod subclass, got {cls!r}")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} must set a class attribute name (a non-empty str)")
+    old = POSTERIOR_METHODS.get(name)
+    if old is not None and old.__qualname__ != cls.__qualname__:
+        raise ValueError(f"posterior method {name!r} is already registered ({old.__qualname__})")
+    cls.accepted_options()  # a signature the options can be read from
+    POSTERIOR_METHODS[name] = cls
+    return cls
+
+
+class DenoiserMethod(PosteriorMethod):
+    r"""Base of the methods run as a posterior denoiser inside an unconditional sampler.
+
+    Arguments:
+        steps: time steps of the sampler (>= 1).
+        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` or ``"heun"`` (probability-flow ODE),
+            from :mod:`hierprior.diffusion.sampling`.
+        eta: DDIM stochasticity in [0, 1] (``sampler="ddim"`` only; 0 is deterministic).
+        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        batch_size: observations per chunk, or None for all at once.
+
+    A subclass sets ``denoiser`` (a :class:`PosteriorDenoiser` class); its options that are
+    arguments of that class's constructor are passed to it by name.
+    """
+
+    #: the posterior denoiser class this method runs
+    denoiser: type[PosteriorDenoiser] = PosteriorDenoiser
+
+    def __init__(
+        self,
+        steps: int = 256,
+        *,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        spacing: str = "edm",
+        batch_size: int | None = None,
+    ):
+        super().__init__(steps, spacing=spacing, batch_size=batch_size)
+        self.sampler = check_choice(sampler, "sampler", tuple(SAMPLERS))
+        self.eta = check_float(eta, "eta", 0.0, maximum=1.0)
+        if self.sampler != "ddim" and self.eta != 0.0:
+            raise ValueError(f"eta is an option of sampler='ddim', not {self.sampler!r}")
+
+    def build_denoiser(
+        self, prior: Denoiser, observation: Observation, num_samples: int
+    ) -> PosteriorDenoiser:
+        """The posterior denoiser of these options for N observations and S samples each."""
+        opts = self.resolve(observation.forward, num_samples)
+        params = inspect.signature(self.denoiser).parameters
+        own = {k: opts[k] for k in params if k not in ("prior", "observation", "num_samples")}
+        return self.denoiser(prior, observation, num_samples, **own)
+
+    def _sample_chunk(
+        self, prior, observation, state, timesteps, num_samples, generator, opts, progress
+    ):
+        n = state.shape[0]
+        event = tuple(prior.event_shape)
+        denoiser = self.build_denoiser(prior, observation, num_samples)
+        kwargs = {"eta": self.eta} if self.sampler == "ddim" else {}
+        with torch.no_grad():
+            out = SAMPLERS[self.sampler](
+                denoiser,
+                state.reshape(n * num_samples, *event),
+                timesteps,
+                generator=generator,
+                progress=progress,
+                **kwargs,
+            )
+        return out.reshape(n, num_samples, *event), {"fallbacks": denoiser.fallbacks}

@@ -16,6 +16,8 @@ as the rank). The posterior denoiser is :math:`\hat x + (\sigma_t^2/\alpha_t)
 \nabla_{x_t} \log p_t(y \mid x_t)`. Non-linear forward models are linearised at
 :math:`x_t / \alpha_t`.
 
+:class:`CLA` is the posterior method; :class:`CLADenoiser` is its denoiser.
+
 References:
     Adam et al. (2022), Posterior samples of source galaxies in strong gravitational lenses
     with score-based priors, arXiv 2211.03812.
@@ -26,10 +28,19 @@ from __future__ import annotations
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.posterior.base import Observation, PosteriorDenoiser, check_int
+from hierprior.physics import ForwardModel
+from hierprior.posterior.base import (
+    DenoiserMethod,
+    Observation,
+    PosteriorDenoiser,
+    check_int,
+    check_optional_int,
+    default_iterations,
+    register_method,
+)
 from hierprior.posterior.linalg import solve
 
-__all__ = ["CLADenoiser"]
+__all__ = ["CLA", "CLADenoiser"]
 
 
 class CLADenoiser(PosteriorDenoiser):
@@ -64,3 +75,37 @@ class CLADenoiser(PosteriorDenoiser):
         w, fallback = solve(system, obs.expand_y(y_z) - y_z, "cg", self.iterations)
         self.fallbacks += int(fallback.sum())
         return d + sigma**2 / alpha**2 * At(w)
+
+
+@register_method
+class CLA(DenoiserMethod):
+    """Convolved-likelihood approximation, run by an unconditional sampler.
+
+    Arguments:
+        steps: time steps of the sampler (>= 1).
+        iterations: CG iterations for the solve with C_t; None: min(M, 32), M the values
+            per observation (resolved when sampling).
+        sampler: ``"ddpm"``, ``"ddim"`` or ``"heun"``.
+        eta: DDIM stochasticity (``sampler="ddim"`` only).
+        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        batch_size: observations per chunk, or None.
+    """
+
+    name = "cla"
+    denoiser = CLADenoiser
+
+    def __init__(
+        self,
+        steps: int = 256,
+        *,
+        iterations: int | None = None,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        spacing: str = "edm",
+        batch_size: int | None = None,
+    ):
+        super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)
+        self.iterations = check_optional_int(iterations, "iterations")
+
+    def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:
+        return {"iterations": default_iterations(self.iterations, forward)}

@@ -26,7 +26,8 @@ decouples the prior and the likelihood:
    \varepsilon`. The last :math:`x_0^{(y)}` is the sample.
 
 Each time step costs ``ode_steps`` denoiser calls (no VJP through the network). DAPS is biased
-(the Gaussian model of :math:`p(x_0 \mid x_t)` is a heuristic) but robust.
+(the Gaussian model of :math:`p(x_0 \mid x_t)` is a heuristic) but robust. :class:`DAPS` is
+the posterior method (options checked at construction); :func:`daps_sample` is its loop.
 
 References:
     Zhang, Chu, Berner, Zheng, Cheng, Zhou, Aziz & Song (2024), Improving Diffusion Inverse
@@ -41,10 +42,20 @@ from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.diffusion.sampling import ddim_sampler
-from hierprior.posterior.base import Observation
+from hierprior.physics import ForwardModel
+from hierprior.posterior.base import (
+    Observation,
+    PosteriorMethod,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+    default_iterations,
+    register_method,
+)
 from hierprior.posterior.linalg import solve
 
-__all__ = ["daps_sample", "LIKELIHOOD_STEPS"]
+__all__ = ["DAPS", "daps_sample", "LIKELIHOOD_STEPS"]
 
 LIKELIHOOD_STEPS = ("exact", "langevin")
 
@@ -158,3 +169,77 @@ def daps_sample(
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = a_r * x0y + s_r * eps
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+@register_method
+class DAPS(PosteriorMethod):
+    """Decoupled annealing posterior sampling (its own loop, :func:`daps_sample`).
+
+    Arguments:
+        steps: annealing steps (>= 1).
+        ode_steps: DDIM steps of the probability-flow ODE in each prior step (1: the Tweedie
+            mean, the default; see the module docstring).
+        likelihood_step: ``"exact"`` (linear A only), ``"langevin"``, or None: "exact" for a
+            linear forward model, else "langevin" (resolved when sampling).
+        langevin_steps: Langevin iterations per likelihood step.
+        lr: Langevin step size relative to the stiffest curvature (> 0).
+        iterations: CG iterations of the exact likelihood step; None: min(M, 32).
+        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        batch_size: observations per chunk, or None.
+    """
+
+    name = "daps"
+
+    def __init__(
+        self,
+        steps: int = 256,
+        *,
+        ode_steps: int = 1,
+        likelihood_step: str | None = None,
+        langevin_steps: int = 50,
+        lr: float = 0.1,
+        iterations: int | None = None,
+        spacing: str = "edm",
+        batch_size: int | None = None,
+    ):
+        super().__init__(steps, spacing=spacing, batch_size=batch_size)
+        self.ode_steps = check_int(ode_steps, "ode_steps")
+        if likelihood_step is not None:
+            check_choice(likelihood_step, "likelihood_step", LIKELIHOOD_STEPS)
+        self.likelihood_step = likelihood_step
+        self.langevin_steps = check_int(langevin_steps, "langevin_steps")
+        self.lr = check_float(lr, "lr", 0.0, strict=True)
+        self.iterations = check_optional_int(iterations, "iterations")
+
+    def check(self, prior: Denoiser, forward: ForwardModel) -> None:
+        super().check(prior, forward)
+        if self.likelihood_step == "exact" and not forward.linear:
+            raise ValueError(
+                "likelihood_step='exact' needs a linear forward model; use 'langevin'"
+            )
+
+    def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:
+        step = self.likelihood_step
+        if step is None:
+            step = "exact" if forward.linear else "langevin"
+        return {
+            "likelihood_step": step,
+            "iterations": default_iterations(self.iterations, forward),
+        }
+
+    def _sample_chunk(
+        self, prior, observation, state, timesteps, num_samples, generator, opts, progress
+    ):
+        return daps_sample(
+            prior,
+            observation,
+            state,
+            timesteps,
+            generator,
+            ode_steps=self.ode_steps,
+            likelihood_step=opts["likelihood_step"],
+            langevin_steps=self.langevin_steps,
+            lr=self.lr,
+            iterations=opts["iterations"],
+            progress=progress,
+        )

@@ -19,6 +19,8 @@ Here :math:`\zeta` scales a likelihood *score* (units 1/length), not a sampler s
 the Gaussian score :math:`J^\top \Sigma_y^{-1} r` at :math:`\|r\| \approx \sigma_y \sqrt{M}`
 suggests :math:`\zeta \approx \sqrt{M} / \sigma_y`. DPS is biased for every :math:`\zeta`.
 
+:class:`DPS` is the posterior method; :class:`DPSDenoiser` is its denoiser.
+
 References:
     Chung et al. (2023), Diffusion Posterior Sampling for General Noisy Inverse Problems,
     arXiv 2209.14687.
@@ -30,9 +32,15 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.posterior.base import Observation, PosteriorDenoiser, check_float
+from hierprior.posterior.base import (
+    DenoiserMethod,
+    Observation,
+    PosteriorDenoiser,
+    check_float,
+    register_method,
+)
 
-__all__ = ["DPSDenoiser"]
+__all__ = ["DPS", "DPSDenoiser"]
 
 
 class DPSDenoiser(PosteriorDenoiser):
@@ -62,3 +70,34 @@ class DPSDenoiser(PosteriorDenoiser):
         guidance = self.vjp(leaf, y_hat, unit)  # = -grad ||y - A(x_hat)|| w.r.t. x_t
         alpha, sigma = self.coefficients(t, x)
         return d.detach() + sigma**2 / alpha * self.zeta * guidance
+
+
+@register_method
+class DPS(DenoiserMethod):
+    """Diffusion posterior sampling, run by an unconditional sampler.
+
+    Arguments:
+        steps: time steps of the sampler (>= 1).
+        zeta: guidance strength (>= 0; 0 gives the prior; about sqrt(M) / sigma_y matches
+            the Gaussian likelihood score).
+        sampler: ``"ddpm"``, ``"ddim"`` or ``"heun"``.
+        eta: DDIM stochasticity (``sampler="ddim"`` only).
+        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        batch_size: observations per chunk, or None.
+    """
+
+    name = "dps"
+    denoiser = DPSDenoiser
+
+    def __init__(
+        self,
+        steps: int = 256,
+        *,
+        zeta: float = 1.0,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        spacing: str = "edm",
+        batch_size: int | None = None,
+    ):
+        super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)
+        self.zeta = check_float(zeta, "zeta", 0.0)

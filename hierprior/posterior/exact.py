@@ -18,6 +18,14 @@ again a mixture, with the per-component posteriors above and weights
 
 .. math:: w_k' \propto w_k\, \mathcal{N}(y \mid A \mu_k, A \Sigma_k A^\top + \Sigma_y).
 
+Observations whose K is not finite (e.g. NaN in their forward matrix) get NaN moments; the
+others are unaffected.
+
+:class:`ExactGaussian` (method ``"exact"``) is the posterior method built on the Gaussian
+case: :math:`x^{(s)} = \mu_{post} + L z^{(s)}`, :math:`L L^\top = \Sigma_{post}` (Cholesky),
+:math:`z^{(s)} \sim \mathcal{N}(0, I)`, i.e. exact posterior samples with no time
+discretisation (the reference of EM with a Gaussian prior).
+
 References:
     Bishop (2006), Pattern Recognition and Machine Learning, §2.3.3.
     Särkkä (2013), Bayesian Filtering and Smoothing.
@@ -31,9 +39,17 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.analytic import GaussianMixturePrior, GaussianPrior
+from hierprior.diffusion.denoiser import Denoiser
 from hierprior.physics import DenseLinear, ForwardModel, GaussianNoise
+from hierprior.posterior.base import PosteriorMethod, register_method
 
-__all__ = ["forward_matrix", "noise_variance", "exact_gaussian_posterior", "exact_gmm_posterior"]
+__all__ = [
+    "ExactGaussian",
+    "forward_matrix",
+    "noise_variance",
+    "exact_gaussian_posterior",
+    "exact_gmm_posterior",
+]
 
 
 def forward_matrix(forward: ForwardModel, num_obs: int | None = None) -> Tensor:
@@ -81,7 +97,11 @@ def _conditioning(
     """
     AS = A @ cov  # (.., M, D)
     K = AS @ A.mT + torch.diag_embed(var_y)
-    L = torch.linalg.cholesky(K)
+    # a non-finite K (NaN in one observation's A or noise) gives that observation NaN moments
+    # instead of failing the whole batch's factorisation
+    bad = ~torch.isfinite(K).flatten(-2).all(-1)
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    L = torch.linalg.cholesky(torch.where(bad[..., None, None], eye, K))
     resid = y - (A @ mean.unsqueeze(-1)).squeeze(-1)
     gain_t = torch.cholesky_solve(AS, L)  # K^{-1} A Sigma, (.., M, D)
     post_mean = mean + (gain_t.mT @ resid.unsqueeze(-1)).squeeze(-1)
@@ -91,6 +111,10 @@ def _conditioning(
     log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
     m = y.shape[-1]
     log_evidence = -0.5 * ((resid * alpha).sum(-1) + log_det + m * math.log(2 * math.pi))
+    if bool(bad.any()):
+        post_mean = torch.where(bad[..., None], float("nan"), post_mean)
+        post_cov = torch.where(bad[..., None, None], float("nan"), post_cov)
+        log_evidence = torch.where(bad, float("nan"), log_evidence)
     return post_mean, post_cov, log_evidence
 
 
@@ -158,3 +182,67 @@ def exact_gmm_posterior(
     )
     logits = torch.log(prior.weights.double()) + log_ev
     return torch.softmax(logits, dim=-1), mean, cov
+
+
+def _cholesky(cov: Tensor) -> Tensor:
+    """Factors L with L L^T = cov, shape (N, D, D): Cholesky, or eigh where it fails.
+
+    Round-off can leave a tiny negative eigenvalue in a nearly singular posterior covariance;
+    those rows use U diag(sqrt(max(lambda, 0))). Non-finite rows stay NaN.
+    """
+    L, info = torch.linalg.cholesky_ex(cov)
+    finite = torch.isfinite(cov).flatten(-2).all(-1)
+    retry = (info != 0) & finite
+    if bool(retry.any()):
+        lam, u = torch.linalg.eigh(cov[retry])
+        L[retry] = u * lam.clamp_min(0).sqrt()[..., None, :]
+    return torch.where(finite[..., None, None], L, float("nan"))
+
+
+@register_method
+class ExactGaussian(PosteriorMethod):
+    """Exact posterior samples of a GaussianPrior under a linear forward model (``"exact"``).
+
+    Arguments:
+        steps: accepted for a uniform interface and ignored (no time discretisation).
+        spacing: accepted and ignored.
+        batch_size: observations per chunk (each chunk materialises its (n, D, D) posterior
+            covariances), or None.
+
+    The mean and covariance come from :func:`exact_gaussian_posterior`; the standard normal
+    z, with shape (N, S, D), is drawn from the generator in one call, so the samples of an
+    observation do not depend on batch_size. ``x_init`` is refused (there is no initial
+    noise). :meth:`check` refuses any prior other than :class:`GaussianPrior` and non-linear
+    forward models.
+    """
+
+    name = "exact"
+
+    def __init__(self, steps: int = 256, *, spacing: str = "edm", batch_size: int | None = None):
+        super().__init__(steps, spacing=spacing, batch_size=batch_size)
+
+    def check(self, prior: Denoiser, forward: ForwardModel) -> None:
+        super().check(prior, forward)
+        if not isinstance(prior, GaussianPrior):
+            raise ValueError(
+                "method 'exact' samples the closed-form posterior of a GaussianPrior, got a "
+                f"{type(prior).__name__} prior; use a diffusion posterior method (e.g. 'mmps')"
+            )
+        if not forward.linear:
+            raise ValueError(
+                f"method 'exact' needs a linear forward model, got {type(forward).__name__}"
+            )
+
+    def _initial(self, prior, shape, x_init, generator, device, dtype):
+        if x_init is not None:
+            raise ValueError("method 'exact' draws its samples in closed form and takes no x_init")
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    def _sample_chunk(
+        self, prior, observation, state, timesteps, num_samples, generator, opts, progress
+    ):
+        obs = observation
+        mean, cov = exact_gaussian_posterior(prior, obs.forward, obs.noise, obs.y)
+        L = _cholesky(cov)
+        out = mean[:, None, :] + torch.einsum("nij,nsj->nsi", L, state.double())
+        return out.to(state.dtype), {}

@@ -16,6 +16,9 @@ prior and a linear-Gaussian likelihood it is exact once k reaches the rank of th
 Non-linear forward models are linearised at :math:`\hat x` (:math:`A \to J_A(\hat x)`, with
 the residual :math:`y - A(\hat x)`).
 
+:class:`MMPS` is the posterior method (options checked at construction, run by an
+unconditional sampler); :class:`MMPSDenoiser` is its denoiser.
+
 The CG solve is guarded: rows (observation, sample) that meet non-positive curvature — a
 learned denoiser's Jacobian need not be symmetric — are re-solved by GMRES (see
 :mod:`hierprior.posterior.linalg`); ``denoiser.fallbacks`` counts them.
@@ -31,14 +34,16 @@ from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.posterior.base import (
+    DenoiserMethod,
     Observation,
     PosteriorDenoiser,
     check_choice,
     check_int,
+    register_method,
 )
 from hierprior.posterior.linalg import SOLVERS, solve
 
-__all__ = ["MMPSDenoiser"]
+__all__ = ["MMPS", "MMPSDenoiser"]
 
 
 class MMPSDenoiser(PosteriorDenoiser):
@@ -82,3 +87,37 @@ class MMPSDenoiser(PosteriorDenoiser):
         w, fallback = solve(system, residual, self.solver, self.iterations)
         self.fallbacks += int(fallback.sum())
         return d0 + cov_x(At(w))
+
+
+@register_method
+class MMPS(DenoiserMethod):
+    """Moment-matching posterior sampling, run by an unconditional sampler.
+
+    Arguments:
+        steps: time steps of the sampler (>= 1).
+        solver: ``"cg"`` (guarded, falls back to GMRES) or ``"gmres"``.
+        iterations: solver iterations k per step (exact for a Gaussian prior and linear A
+            once k >= the rank of A).
+        sampler: ``"ddpm"``, ``"ddim"`` or ``"heun"``.
+        eta: DDIM stochasticity (``sampler="ddim"`` only).
+        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        batch_size: observations per chunk, or None.
+    """
+
+    name = "mmps"
+    denoiser = MMPSDenoiser
+
+    def __init__(
+        self,
+        steps: int = 256,
+        *,
+        solver: str = "cg",
+        iterations: int = 4,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        spacing: str = "edm",
+        batch_size: int | None = None,
+    ):
+        super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)
+        self.solver = check_choice(solver, "solver", SOLVERS)
+        self.iterations = check_int(iterations, "iterations")

@@ -20,6 +20,7 @@ r_t^2 I` (an isotropic Gaussian prior with variance v).
 
 :meth:`PiGDMDenoiser.guidance` also returns :math:`(y - A\hat x)^\top C^{-1} (y - A \hat x)`,
 the quadratic form of the log-likelihood that the twisted SMC sampler uses as its twist.
+:class:`PiGDM` is the posterior method; :class:`PiGDMDenoiser` is its denoiser.
 
 References:
     Song, Vahdat, Mardani & Kautz (2023), Pseudoinverse-Guided Diffusion Models for Inverse
@@ -31,10 +32,20 @@ from __future__ import annotations
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.posterior.base import Observation, PosteriorDenoiser, check_float, check_int
+from hierprior.physics import ForwardModel
+from hierprior.posterior.base import (
+    DenoiserMethod,
+    Observation,
+    PosteriorDenoiser,
+    check_float,
+    check_int,
+    check_optional_int,
+    default_iterations,
+    register_method,
+)
 from hierprior.posterior.linalg import batch_dot, solve
 
-__all__ = ["PiGDMDenoiser"]
+__all__ = ["PiGDM", "PiGDMDenoiser"]
 
 
 class PiGDMDenoiser(PosteriorDenoiser):
@@ -103,3 +114,40 @@ class PiGDMDenoiser(PosteriorDenoiser):
         d, score, _ = self.guidance(x, t, r2)
         alpha, sigma = self.coefficients(t, x)
         return d + sigma**2 / alpha * score
+
+
+@register_method
+class PiGDM(DenoiserMethod):
+    """Pseudoinverse-guided posterior sampling (ΠGDM), run by an unconditional sampler.
+
+    Arguments:
+        steps: time steps of the sampler (>= 1).
+        iterations: CG iterations for the solve with Sigma_y + r_t^2 A A^T; None:
+            min(M, 32) (resolved when sampling).
+        data_variance: v, the per-coordinate prior variance assumed by r_t^2 (> 0).
+        sampler: ``"ddpm"``, ``"ddim"`` or ``"heun"``.
+        eta: DDIM stochasticity (``sampler="ddim"`` only).
+        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        batch_size: observations per chunk, or None.
+    """
+
+    name = "pigdm"
+    denoiser = PiGDMDenoiser
+
+    def __init__(
+        self,
+        steps: int = 256,
+        *,
+        iterations: int | None = None,
+        data_variance: float = 1.0,
+        sampler: str = "ddpm",
+        eta: float = 0.0,
+        spacing: str = "edm",
+        batch_size: int | None = None,
+    ):
+        super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)
+        self.iterations = check_optional_int(iterations, "iterations")
+        self.data_variance = check_float(data_variance, "data_variance", 0.0, strict=True)
+
+    def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:
+        return {"iterations": default_iterations(self.iterations, forward)}

@@ -33,6 +33,9 @@ particles and returns each final cloud resampled to P. Samples within one run ar
 independent. Statistics over the S samples are consistent; their Monte-Carlo error is that of
 the effective sample size, not S. Increase P for accuracy, the number of runs for independence.
 
+:class:`TDS` is the posterior method (options checked at construction); :func:`tds_sample` is
+its loop.
+
 References:
     Wu, Trippe, Naesseth, Blei & Cunningham (2023), Practical and Asymptotically Exact
     Conditional Sampling in Diffusion Models, arXiv 2306.17775.
@@ -46,10 +49,22 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.posterior.base import Observation
+from hierprior.physics import ForwardModel
+from hierprior.posterior.base import (
+    Observation,
+    PosteriorMethod,
+    check_choice,
+    check_float,
+    check_optional_int,
+    default_iterations,
+    register_method,
+)
 from hierprior.posterior.pigdm import PiGDMDenoiser
 
-__all__ = ["systematic_resample", "effective_sample_size", "tds_sample"]
+__all__ = ["TDS", "TWISTS", "systematic_resample", "effective_sample_size", "tds_sample"]
+
+#: the twisting functions of TDS
+TWISTS = ("pigdm", "dps")
 
 
 def systematic_resample(
@@ -193,3 +208,87 @@ def tds_sample(
     failed = failed.reshape(n, groups, *([1] * (1 + len(event))))
     samples = torch.where(failed, float("nan"), samples).reshape(n, groups * per_group, *event)
     return samples, {"ess": ess, "resamplings": resamplings}
+
+
+@register_method
+class TDS(PosteriorMethod):
+    """Twisted diffusion sampler, sequential Monte Carlo (its own loop, :func:`tds_sample`).
+
+    Arguments:
+        steps: SMC steps (>= 1).
+        particles: P, particles per SMC run; None: S (resolved when sampling). With P < S,
+            S must be a multiple of P (S / P independent runs; checked when sampling).
+        ess_threshold: resample a run when ESS < ess_threshold · P (0: never, 1: always).
+        twist: ``"pigdm"`` (linear A only), ``"dps"``, or None: "pigdm" for a linear forward
+            model, else "dps" (resolved when sampling).
+        iterations: CG iterations of the ΠGDM twist; None: min(M, 32).
+        data_variance: v of the ΠGDM twist (> 0).
+        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        batch_size: observations per chunk, or None.
+    """
+
+    name = "tds"
+
+    def __init__(
+        self,
+        steps: int = 256,
+        *,
+        particles: int | None = None,
+        ess_threshold: float = 0.5,
+        twist: str | None = None,
+        iterations: int | None = None,
+        data_variance: float = 1.0,
+        spacing: str = "edm",
+        batch_size: int | None = None,
+    ):
+        super().__init__(steps, spacing=spacing, batch_size=batch_size)
+        self.particles = check_optional_int(particles, "particles")
+        self.ess_threshold = check_float(ess_threshold, "ess_threshold", 0.0, maximum=1.0)
+        if twist is not None:
+            check_choice(twist, "twist", TWISTS)
+        self.twist = twist
+        self.iterations = check_optional_int(iterations, "iterations")
+        self.data_variance = check_float(data_variance, "data_variance", 0.0, strict=True)
+
+    def check(self, prior: Denoiser, forward: ForwardModel) -> None:
+        super().check(prior, forward)
+        if self.twist == "pigdm" and not forward.linear:
+            raise ValueError("twist='pigdm' needs a linear forward model; use twist='dps'")
+
+    def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:
+        p = num_samples if self.particles is None else self.particles
+        if p < num_samples and num_samples % p != 0:
+            raise ValueError(
+                f"with particles = {p} < num_samples = {num_samples}, num_samples must be a "
+                "multiple of particles (num_samples / particles independent SMC runs)"
+            )
+        twist = self.twist
+        if twist is None:
+            twist = "pigdm" if forward.linear else "dps"
+        return {
+            "particles": p,
+            "twist": twist,
+            "iterations": default_iterations(self.iterations, forward),
+        }
+
+    def _rows(self, opts: dict, num_samples: int) -> int:
+        p = opts["particles"]
+        return max(1, num_samples // p) * p
+
+    def _sample_chunk(
+        self, prior, observation, state, timesteps, num_samples, generator, opts, progress
+    ):
+        return tds_sample(
+            prior,
+            observation,
+            state,
+            timesteps,
+            num_samples,
+            opts["particles"],
+            generator=generator,
+            ess_threshold=self.ess_threshold,
+            twist=opts["twist"],
+            iterations=opts["iterations"],
+            data_variance=self.data_variance,
+            progress=progress,
+        )
