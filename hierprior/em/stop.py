@@ -12,10 +12,26 @@ under
           \text{ give the same posterior for every } y_i
 
 the two members of each pair are exchangeable given the observations, so swapping them at
-random (all S samples of an observation together) generates the exact null distribution of the
+random (all S samples of an observation together) generates the exact null distribution of any
 statistic, for any E-step, exact or approximate. The null holds at a fixed point of the
 iteration in use (:math:`\theta_k = \theta_{k-1}`), which is where EM with that E-step and
 M-step converges; it is not a claim that the E-step is exact.
+
+Two PQMass statistics use the pairing, since pooling the banks would bury a change under the
+spread between observations:
+
+- ``diff``: PQMass(:math:`d`, :math:`-d`) of the pair differences
+  :math:`d = x_k - x_{k-1}` (exchangeable pairs make :math:`d` symmetric); the spread between
+  observations cancels, so shifts of the posteriors are seen with the most power;
+- ``joint``: PQMass(:math:`(x_k, x_{k-1})`, :math:`(x_{k-1}, x_k)`) of the concatenated
+  pairs, which also sees changes of the posteriors' spread (invisible to ``diff``: two
+  independent draws of equally centred posteriors give a symmetric difference).
+
+The decision p-value is their Bonferroni combination
+:math:`p = \min(1, 2 \min(p_\mathrm{diff}, p_\mathrm{joint}))`, a valid p-value. On the
+Gaussian test bed (D=4, rank-2 views, N=300, S=2, exact E-step, prior mean off by 0.5 sd) the
+share of 20 seeds rejected at p <= 0.01 was 0.95 for ``diff``, 0.80 for ``joint`` and 0.50
+for PQMass of the pooled banks; with the prior variance off by 2x, 0.00, 0.25 and 0.15.
 
 **What a stop means.** The rule fires at round k when the paired p-value exceeds ``level`` for
 ``patience`` consecutive rounds, k >= ``first_round`` = max(1, ``min_rounds``) + patience - 1.
@@ -59,7 +75,7 @@ def _int(value: object, name: str, minimum: int) -> int:
 
 
 class StopRule:
-    """Fixed-point stop rule: bank of round k vs bank of round k-1, paired permutation PQMass.
+    """Fixed-point stop rule: bank of round k vs bank of round k-1, paired PQMass tests.
 
     Arguments:
         level: the test's level alpha in (0, 1): the rule fires when the paired permutation
@@ -68,18 +84,18 @@ class StopRule:
         patience: consecutive rounds with p > level needed to fire.
         num_refs, re_tessellations: PQMass settings (references capped at a quarter of the
             pooled samples).
-        permutations: permutations of the null (>= 1 / level - 1 so that p <= level is
+        permutations: permutations of each null (>= 2 / level - 1, so that p <= level is
             possible).
     """
 
     def __init__(
         self,
-        level: float = 0.01,
+        level: float = 0.05,
         min_rounds: int = 1,
         patience: int = 1,
         num_refs: int = 100,
         re_tessellations: int = 50,
-        permutations: int = 200,
+        permutations: int = 500,
     ):
         if isinstance(level, bool) or not isinstance(level, (int, float)):
             raise ValueError(f"stop level must be a number in (0, 1), got {level!r}")
@@ -91,10 +107,10 @@ class StopRule:
         self.num_refs = _int(num_refs, "num_refs", 2)
         self.re_tessellations = _int(re_tessellations, "re_tessellations", 1)
         self.permutations = _int(permutations, "permutations", 1)
-        if (1 + 0) / (1 + self.permutations) > self.level:
+        if 2 / (1 + self.permutations) > self.level:  # the smallest Bonferroni p-value
             raise ValueError(
                 f"stop permutations={self.permutations} cannot give a p-value <= level="
-                f"{self.level}; use at least {math.ceil(1 / self.level - 1)} permutations"
+                f"{self.level}; use at least {math.ceil(2 / self.level - 1)} permutations"
             )
 
     @property
@@ -107,10 +123,12 @@ class StopRule:
         return {k: getattr(self, k) for k in keys}
 
     def test(self, bank: Tensor, previous_bank: Tensor, *, seed: int, round_index: int) -> dict:
-        """``fixedpoint_chi2`` and ``fixedpoint_pvalue`` of bank (N, S, *event) vs the previous.
+        """The fixed-point test of bank (N, S, *event) against the previous round's bank.
 
-        Pairs are (observation i, sample s) of the two banks; the null swaps all S samples of
-        an observation together.
+        Returns ``fixedpoint_{diff,joint}_chi2``, ``fixedpoint_{diff,joint}_pvalue`` and the
+        decision p-value ``fixedpoint_pvalue`` (see the module docstring). Pairs are
+        (observation i, sample s) of the two banks; the null swaps all S samples of an
+        observation together.
         """
         if bank.shape != previous_bank.shape:
             raise ValueError(
@@ -118,18 +136,25 @@ class StopRule:
                 f"{tuple(bank.shape)} and {tuple(previous_bank.shape)}"
             )
         n, s = bank.shape[:2]
-        groups = torch.arange(n).repeat_interleave(s)
-        return pqmass_metrics(
-            bank.reshape(n * s, -1),
-            previous_bank.reshape(n * s, -1),
-            "fixedpoint",
+        x = bank.reshape(n * s, -1).double()
+        y = previous_bank.reshape(n * s, -1).to(x)
+        settings = dict(
             num_refs=self.num_refs,
             re_tessellations=self.re_tessellations,
             permutations=self.permutations,
-            generator=derived_generator(seed, round_index, "stop"),
             paired=True,
-            groups=groups,
+            groups=torch.arange(n).repeat_interleave(s),
         )
+        out = {}
+        for tag, (a, b) in (
+            ("diff", (x - y, y - x)),
+            ("joint", (torch.cat([x, y], 1), torch.cat([y, x], 1))),
+        ):
+            g = derived_generator(seed, round_index, "stop", tag)
+            out.update(pqmass_metrics(a, b, f"fixedpoint_{tag}", generator=g, **settings))
+        p = min(out["fixedpoint_diff_pvalue"], out["fixedpoint_joint_pvalue"])
+        out[STOP_STATISTIC] = min(1.0, 2.0 * p) if math.isfinite(p) else float("nan")
+        return out
 
     def decide(self, metrics: list[dict]) -> str | None:
         """The reason to stop after the last row of metrics (one dict per round), or None."""

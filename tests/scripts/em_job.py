@@ -13,7 +13,7 @@ import signal
 import torch
 
 from hierprior.diffusion import EDMDenoiser
-from hierprior.em import Population, SampleBank, run_em
+from hierprior.em import EStep, Monitor, NetworkMStep, Population, SampleBank, StopRule, run_em
 from hierprior.nn import MLP
 from hierprior.physics import DenseLinear, GaussianNoise
 
@@ -62,15 +62,20 @@ def main() -> None:
     run_em(
         prior,
         population(),
+        estep=EStep({"method": "mmps", "steps": 8}, num_samples=2, batch_size=12),
+        mstep=NetworkMStep(steps=30, batch_size=16, checkpoint_every=10),
+        monitor=Monitor(
+            num_prior_samples=64,
+            steps=8,
+            num_refs=8,
+            re_tessellations=4,
+            permutations=20,
+            tarp_observations=0,
+        ),
+        stop=StopRule(min_rounds=3),  # never fires within the 2 rounds: every round runs
         rounds=2,
-        sampler={"method": "mmps", "steps": 8},
         run_dir=args.run_dir,
         seed=0,
-        num_samples=2,
-        estep_batch_size=12,
-        mstep={"steps": 30, "batch_size": 16, "checkpoint_every": 10},
-        monitor={"num_prior_samples": 64, "steps": 8, "num_refs": 8, "re_tessellations": 4},
-        stop={"patience": 100},
         logger=None,
     )
 
