@@ -190,7 +190,14 @@ class EStep:
             inference_mode=False,
             **self.trainer,
         )
-        loader = DataLoader(todo, batch_size=None, shuffle=False)
+        # an explicit generator: a DataLoader without one draws its base seed from the global RNG
+        loader_seed = derive_seed(seed, round_index, purpose, "loader")
+        loader = DataLoader(
+            todo,
+            batch_size=None,
+            shuffle=False,
+            generator=torch.Generator().manual_seed(loader_seed),
+        )
         runner.predict(module, dataloaders=loader, return_predictions=False)
         bank.refresh()
         if not bank.is_complete():

@@ -6,7 +6,7 @@ Monte-Carlo EM on the marginal likelihood :math:`p(\{y_i\} \mid \theta)`, round 
             = mstep(prior_{k-1}, bank_{k-1})    otherwise                       (mstep.py)
     bank_k  = estep(prior_k, population)        x_i^(s) ~ p_{prior_k}(x | y_i)  (estep.py)
     metrics = monitor(prior_k, bank_k, ...)     PQMass, TARP, residuals, grids  (monitor.py)
-            + stop.test(bank_k, bank_{k-1})     the calibrated fixed-point test (stop.py)
+            + stop.test(bank_k, bank_{k-1}, prior_k samples)   fixed-point test (stop.py)
     stop when stop.decide(metrics) fires, returning prior_k, or after ``rounds`` rounds.
 
 Run directory (rerunning the same call continues it; a different configuration is refused)::
@@ -298,7 +298,7 @@ def run_em(
                 row.update(measured)
                 images.update(grids)
                 if previous is not None:
-                    row.update(stop.test(samples, previous, seed=seed, round_index=k))
+                    row.update(stop.test(samples, previous, prior_x, seed=seed, round_index=k))
                 atomic_save(prior_x, rdir / "prior_samples.pt")
                 atomic_write_text(done, json.dumps(row, indent=1))  # commits the round
                 metrics.append(row)
