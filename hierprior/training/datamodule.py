@@ -157,17 +157,22 @@ class TensorDataModule(pl.LightningDataModule):
             "persistent_workers": self.num_workers > 0,
             "collate_fn": _stack,
         }
+        # every loader has an explicit generator: one without draws its base seed (for worker
+        # seeds) from the global RNG, which this module never touches
+        fixed = torch.Generator().manual_seed(self.seed)
         if shuffle and self.infinite:
             stream = BatchStream(len(data), self.batch_size, self.seed, self._batches_done())
             # the sampler yields whole index batches, gathered by one indexing operation
             common.pop("collate_fn")
-            return DataLoader(_Gather(data), sampler=stream, batch_size=None, **common)
+            return DataLoader(
+                _Gather(data), sampler=stream, batch_size=None, generator=fixed, **common
+            )
         return DataLoader(
             TensorDataset(data),
             batch_size=min(self.batch_size, len(data)),
             shuffle=shuffle,
             drop_last=shuffle and len(data) > self.batch_size,
-            generator=self._generator if shuffle else None,
+            generator=self._generator if shuffle else fixed,
             **common,
         )
 
