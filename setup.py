@@ -1,0 +1,17 @@
+"""Packaging beyond what pyproject.toml can say: the hydra configs ship inside the package.
+
+``conf/`` stays at the top of the repository (where hydra users expect it) and is installed
+as the data-only package ``hierprior.conf`` (``hierprior/conf/**.yaml`` in the wheel), which
+``hierprior.config.CONF_DIR`` looks for first; an editable install finds ``<repo>/conf``.
+Every other package is found, so a new subpackage of ``hierprior`` is never left out.
+Everything else (name, dependencies, console scripts) is in pyproject.toml.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    packages=[*find_packages(include=["hierprior", "hierprior.*"]), "hierprior.conf"],
+    package_dir={"hierprior.conf": "conf"},
+    package_data={"hierprior.conf": ["*.yaml", "**/*.yaml"]},
+    include_package_data=False,
+)
