@@ -41,9 +41,14 @@ def job_run_dir(cfg) -> None:
 
 
 def _train_prior_task(cfg) -> None:
-    from hierprior.training import fit_prior
+    from hierprior.config import ConfigError
+    from hierprior.training import check_train_config, fit_prior
 
     job_run_dir(cfg)
+    try:  # fit_prior checks too, with a plain ValueError; here it ends the command in one line
+        check_train_config(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from err
     out = fit_prior(cfg)
     print(f"prior written to {out.prior} (step {out.step})")
 
@@ -56,9 +61,12 @@ def train_prior() -> None:
 
 
 def _em_task(cfg) -> None:
-    from hierprior.em.cli import run_from_config
+    from hierprior.config import check_em_section
 
     job_run_dir(cfg)
+    check_em_section(cfg)  # before hierprior.em imports torch and Lightning (seconds)
+    from hierprior.em.cli import run_from_config
+
     run_from_config(cfg)
 
 
@@ -170,5 +178,3 @@ def sample_main(argv: Sequence[str] | None = None) -> Path:
 def sample() -> None:
     """Console script ``hierprior-sample``."""
     sample_main()
-
-

@@ -21,6 +21,7 @@ from pathlib import Path
 __all__ = [
     "CONF_DIR",
     "ConfigError",
+    "check_em_section",
     "check_overrides",
     "group_choices",
     "instantiate_checked",
@@ -96,6 +97,33 @@ def instantiate_checked(node, key: str):
         raise ConfigError(f"{key}: {message}") from cause
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{key}: {str(err).strip().splitlines()[0]}") from err
+
+
+def check_em_section(cfg) -> None:
+    """Raises a ConfigError naming the key for a bad value of the ``em`` section.
+
+    A missing ``em.initial_prior`` file is a FileNotFoundError, a config without a population
+    (a train-prior experiment) a ConfigError. It lives here, not in :mod:`hierprior.em`, so
+    that ``hierprior-em`` runs it before torch and Lightning are imported (a second, not ten).
+    """
+    em = cfg.get("em")
+    if em is None:
+        raise ConfigError("the config has no `em` section")
+    allowed = {"rounds", "initial_prior", "estep", "mstep", "monitor", "stop"}
+    unknown = sorted(set(em) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown em key(s) {unknown}; allowed: {sorted(allowed)}")
+    rounds = em.get("rounds")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ConfigError(f"em.rounds must be an integer >= 0, got {rounds!r}")
+    path = em.get("initial_prior")
+    if path is not None and not Path(str(path)).is_file():
+        raise FileNotFoundError(f"em.initial_prior: no prior checkpoint at {path}")
+    if cfg.get("population") is None:
+        raise ConfigError(
+            "the config has no population: run an EM experiment (e.g. "
+            "experiment=mnist_shift_tiny) or choose one with population=<name>"
+        )
 
 
 def run_app(prog: str, config_name: str, task: Callable) -> None:

@@ -12,33 +12,32 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hierprior.config import ConfigError, instantiate_checked
+from hierprior.config import ConfigError, check_em_section, instantiate_checked
 
-__all__ = ["check_em_section", "run_from_config"]
+__all__ = ["check_em_section", "check_sampler_section", "run_from_config"]
 
 log = logging.getLogger(__name__)
 
 
-def check_em_section(cfg) -> None:
-    """Raises a ConfigError naming the key for a bad value of the ``em`` section."""
-    em = cfg.get("em")
-    if em is None:
-        raise ConfigError("the config has no `em` section")
-    allowed = {"rounds", "initial_prior", "estep", "mstep", "monitor", "stop"}
-    unknown = sorted(set(em) - allowed)
-    if unknown:
-        raise ConfigError(f"unknown em key(s) {unknown}; allowed: {sorted(allowed)}")
-    rounds = em.get("rounds")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ConfigError(f"em.rounds must be an integer >= 0, got {rounds!r}")
-    path = em.get("initial_prior")
-    if path is not None and not Path(str(path)).is_file():
-        raise FileNotFoundError(f"em.initial_prior: no prior checkpoint at {path}")
-    if cfg.get("population") is None:
-        raise ConfigError(
-            "the config has no population: run an EM experiment (e.g. "
-            "experiment=mnist_shift_tiny) or choose one with population=<name>"
-        )
+def check_sampler_section(cfg) -> None:
+    """Raises a ConfigError naming ``sampler`` for a bad option of the E-step's method.
+
+    The E-step builds the same method from ``em.estep.sampler`` (``${sampler}``); checked here
+    first, a bad ``sampler.iterations`` or an unknown ``+sampler.bogus`` is reported under the
+    key the user typed rather than under ``em.estep``.
+    """
+    from omegaconf import OmegaConf
+
+    from hierprior.posterior import posterior_method
+
+    node = cfg.get("sampler")
+    if node is None:
+        raise ConfigError("the config has no `sampler` section (choose one with sampler=<name>)")
+    try:
+        posterior_method(OmegaConf.to_container(node, resolve=True))
+    except (ValueError, TypeError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise ConfigError(f"sampler: {message}") from err
 
 
 def _initial_prior(cfg, run_dir: Path):
@@ -86,6 +85,7 @@ def run_from_config(cfg):
     from hierprior.training import build_denoiser, check_train_config
 
     check_em_section(cfg)
+    check_sampler_section(cfg)
     estep = instantiate_checked(cfg.em.estep, "em.estep")
     mstep = instantiate_checked(cfg.em.mstep, "em.mstep")
     monitor = instantiate_checked(cfg.em.monitor, "em.monitor")
