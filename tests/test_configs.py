@@ -1,4 +1,5 @@
-"""Tests of the hydra tree conf/: every experiment composes, tiny ones train end to end."""
+"""Tests of the hydra tree conf/: every experiment composes under its root, the EM pieces of
+every group option build, tiny train-prior experiments train end to end."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from hierprior.cli import CONF_DIR, sample_main
+from hierprior.cli import sample_main
+from hierprior.config import CONF_DIR, instantiate_checked
 from hierprior.diffusion import load_prior
 from hierprior.training import (
     build_callbacks,
@@ -25,10 +27,30 @@ from hierprior.training import (
     fit_prior,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
+    # load_mnist warns about the fallback even with source=bundled (a root is given)
+    pytest.mark.filterwarnings("ignore:no MNIST under root"),
+]
 
 CONF = Path(CONF_DIR)
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _overrides_population(experiment: str) -> bool:
+    """Whether an experiment's defaults override /population (read from the file)."""
+    file = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    defaults = OmegaConf.to_container(file).get("defaults") or []
+    keys = [
+        " ".join(str(k).split()) for e in defaults for k in (e if isinstance(e, dict) else [e])
+    ]
+    return "override /population" in keys
+
+
+# experiments are split by root: those choosing a population run under em, the others under
+# train_prior (read from the files, so another experiment cannot break collection)
+EM_EXPERIMENTS = [e for e in EXPERIMENTS if _overrides_population(e)]
+TRAIN_EXPERIMENTS = [e for e in EXPERIMENTS if e not in EM_EXPERIMENTS]
 
 # shrink any train_prior run to one optimiser step with a 4-sample, 2-step sample grid
 ONE_STEP = [
@@ -45,7 +67,7 @@ ONE_STEP = [
 ]
 
 
-# what a train_prior run reads (other groups, e.g. the EM population, need not resolve for it)
+# what a train_prior run reads
 TRAIN_SECTIONS = (
     "run_dir",
     "data",
@@ -59,17 +81,21 @@ TRAIN_SECTIONS = (
 )
 
 
-def _resolve(cfg, sections=TRAIN_SECTIONS) -> None:
-    """Resolves every interpolation of the given top-level sections (raises if one fails)."""
-    for key in sections:
+def _resolve(cfg, sections=None) -> None:
+    """Resolves every interpolation of the given top-level sections (default: all of them)."""
+    for key in list(cfg) if sections is None else sections:
         node = cfg[key]
         if OmegaConf.is_config(node):
-            OmegaConf.to_container(node, resolve=True)
+            OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
 
 
-def _compose(overrides: list[str]):
+def _compose(overrides: list[str], root: str = "train_prior", **kwargs):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name=root, overrides=overrides, **kwargs)
+
+
+def _compose_em(overrides: list[str], **kwargs):
+    return _compose(overrides, root="em", **kwargs)
 
 
 @pytest.fixture(autouse=True)
@@ -81,39 +107,131 @@ def _one_thread():
 
 
 def test_there_are_experiments():
-    assert {"mnist04_prior", "mnist04_prior_tiny"} <= set(EXPERIMENTS)
-    assert {"galaxy_elliptical_prior", "galaxy_elliptical_prior_tiny"} <= set(EXPERIMENTS)
+    assert {"mnist04_prior", "mnist04_prior_tiny"} <= set(TRAIN_EXPERIMENTS)
+    assert {"galaxy_elliptical_prior", "galaxy_elliptical_prior_tiny"} <= set(TRAIN_EXPERIMENTS)
+    assert {"mnist_shift", "mnist_shift_tiny"} <= set(EM_EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes(experiment, tmp_path):
+def test_roots_are_separate():
+    for stale in ("config.yaml",):  # the old single root with a `task:` key is gone
+        assert not (CONF / stale).exists()
+    train = _compose([])
+    assert "em" not in train and "population" not in train and "sampler" not in train
+    em = _compose_em([])
+    assert {"em", "population", "sampler"} <= set(em)
+    assert {"train", "sample", "data", "prior", "schedule", "trainer"} <= set(em)  # round 0
+    assert "task" not in train and "task" not in em
+
+
+@pytest.mark.parametrize("experiment", TRAIN_EXPERIMENTS)
+def test_every_train_prior_experiment_composes(experiment, tmp_path):
     cfg = _compose([f"experiment={experiment}", f"run_dir={tmp_path}"])
-    # every interpolation the task reads resolves
-    _resolve(cfg, TRAIN_SECTIONS if cfg.task == "train_prior" else list(cfg))
-    assert cfg.task in ("train_prior", "em")
+    _resolve(cfg)  # every interpolation resolves
     assert cfg.name == experiment  # the run folder is named after the experiment
-    if cfg.task == "train_prior":
-        check_train_config(cfg)
-        # the backbone is built for the data's image size (cheap: no data loaded)
-        backbone = cfg.prior.backbone
-        if "image_size" in backbone:
-            assert backbone.image_size == cfg.data.resolution
+    check_train_config(cfg)
+    # the backbone is built for the data's image size (cheap: no data loaded)
+    backbone = cfg.prior.backbone
+    if "image_size" in backbone:
+        assert backbone.image_size == cfg.data.resolution
+
+
+EM_PIECES = {
+    "estep": "EStep",
+    "mstep": ("NetworkMStep", "GaussianMStep"),
+    "monitor": "Monitor",
+    "stop": "StopRule",
+}
+
+
+def _build_em(cfg) -> dict:
+    """Builds the four EM pieces and the population of a composed em config."""
+    built = {key: instantiate_checked(cfg.em[key], f"em.{key}") for key in EM_PIECES}
+    for key, names in EM_PIECES.items():
+        assert type(built[key]).__name__ in names, (key, type(built[key]))
+    built["population"] = instantiate_checked(cfg.population, "population")
+    return built
+
+
+@pytest.mark.parametrize("experiment", EM_EXPERIMENTS)
+def test_every_em_experiment_composes_and_builds(experiment, tmp_path):
+    cfg = _compose_em(
+        [
+            f"experiment={experiment}",
+            f"run_dir={tmp_path}",
+            "population.num_obs=6",
+            "data.source=bundled",
+        ]
+    )
+    _resolve(cfg)
+    assert cfg.name == experiment
+    assert cfg.run_dir == str(tmp_path)
+    check_train_config(cfg)  # the round-0 prior is trained from data/prior/train
+    built = _build_em(cfg)
+    population = built["population"]
+    assert len(population) == 6
+    assert built["estep"].method.name == cfg.sampler.method
+    # the round-0 prior is built for the population's signals
+    build_denoiser(cfg, population.signal_shape)
+
+
+EM_GROUPS = ("sampler", "em/estep", "em/mstep", "em/monitor", "em/stop", "population")
+EM_GROUP_OPTIONS = [
+    (group, option.stem) for group in EM_GROUPS for option in sorted((CONF / group).glob("*.yaml"))
+]
+
+
+def test_every_em_group_has_options():
+    for group in EM_GROUPS:
+        assert any(g == group for g, _ in EM_GROUP_OPTIONS), group
+    assert ("em/mstep", "gaussian") in EM_GROUP_OPTIONS
+
+
+@pytest.mark.parametrize(
+    "group, option", EM_GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in EM_GROUP_OPTIONS]
+)
+def test_every_em_group_option_composes_and_builds(group, option, tmp_path):
+    # on the root's defaults, not on an experiment's settings of the default pieces (e.g.
+    # mnist_shift_tiny's em.mstep.steps, which the Gaussian M-step does not take)
+    overrides = [
+        "~experiment",
+        "population=mnist_shift",
+        f"{group}={option}",
+        f"run_dir={tmp_path}",
+        "population.num_obs=4",
+        "data.source=bundled",
+    ]
+    cfg = _compose_em(overrides, return_hydra_config=True)
+    assert cfg.hydra.runtime.choices[group] == option  # the option was composed, not ignored
+    _resolve(cfg, [key for key in cfg if key != "hydra"])
+    built = _build_em(cfg)
+    assert built["estep"].method.name == cfg.sampler.method
+    if group == "sampler":
+        assert cfg.sampler.method == option
+    if (group, option) == ("em/mstep", "gaussian"):
+        from hierprior.em import GaussianMStep
+
+        assert isinstance(built["mstep"], GaussianMStep)
 
 
 def test_default_config_and_run_dir():
     cfg = _compose([])
-    assert cfg.task == "train_prior"
+    assert cfg.name == "default"
     assert cfg.run_dir == f"{cfg.paths.runs}/train_prior/default"  # not timestamped: resumable
     cfg = _compose(["experiment=mnist04_prior"])
     assert cfg.run_dir.endswith("runs/train_prior/mnist04_prior")
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    em = _compose_em([])  # hierprior-em with no argument runs the tiny MNIST experiment
+    assert em.name == "mnist_shift_tiny"
+    assert em.run_dir == f"{em.paths.runs}/em/mnist_shift_tiny"
 
 
-def test_hydra_settings_resume_and_do_not_collide():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["name=abc"], return_hydra_config=True)
+@pytest.mark.parametrize("root", ["train_prior", "em"])
+def test_hydra_settings_resume_and_do_not_collide(root):
+    cfg = _compose(["name=abc"], root=root, return_hydra_config=True)
     assert cfg.hydra.run.dir == cfg.run_dir
+    assert cfg.run_dir.endswith(f"/{root}/abc")
     assert cfg.hydra.job.chdir is False
+    assert cfg.hydra.job.name == root
     sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
     assert sweep["subdir"] == "${hydra.job.num}"  # one folder per multirun job
 
@@ -123,7 +241,7 @@ def test_hydra_settings_resume_and_do_not_collide():
     [["schedule=ve"], ["trainer=gpu"], ["logger=csv"], ["logger=wandb"], ["data=galaxies"]],
 )
 def test_group_options_compose(overrides):
-    _resolve(_compose(overrides))
+    _resolve(_compose(overrides), TRAIN_SECTIONS)
 
 
 def test_wandb_logger_is_offline_in_the_run_dir_and_follows_wandb_mode(tmp_path, monkeypatch):
@@ -142,6 +260,30 @@ def test_wandb_logger_is_offline_in_the_run_dir_and_follows_wandb_mode(tmp_path,
 def test_unknown_group_option_is_a_clear_error():
     with pytest.raises((MissingConfigException, ConfigCompositionException), match="schedule"):
         _compose(["schedule=cosine"])
+
+
+def test_check_overrides_names_the_choices_and_lets_the_rest_pass():
+    from hierprior.config import ConfigError, check_overrides, group_choices
+
+    with pytest.raises(ConfigError, match="unknown sampler 'nope'; choices: cla, daps, dps"):
+        check_overrides(["--cfg", "job", "sampler=nope"])
+    with pytest.raises(ConfigError, match="em/stop 'nope'"):
+        check_overrides(["em/stop=nope"])
+    with pytest.raises(ConfigError, match="sampler 'nope'"):
+        check_overrides(["-m", "sampler=dps,nope"])  # a sweep is checked option by option
+    check_overrides(
+        [
+            "--cfg",
+            "job",
+            "em.rounds=3",
+            "sampler=dps,mmps",
+            "+sampler.bogus=1",  # a value, not a group: left to the sampler's own check
+            "population=null",
+            "experiment=mnist_shift_tiny",
+            "-m",
+        ]
+    )
+    assert group_choices("sampler") == sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
 
 
 @pytest.mark.parametrize(
@@ -188,13 +330,7 @@ def test_trainer_and_callbacks_follow_the_config(tmp_path):
     assert trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
 
 
-# read from the files (not composed), so another group's experiment cannot break collection
-TINY = [
-    e
-    for e in EXPERIMENTS
-    if e.endswith("_tiny")
-    and OmegaConf.load(CONF / "experiment" / f"{e}.yaml").get("task") == "train_prior"
-]
+TINY = [e for e in TRAIN_EXPERIMENTS if e.endswith("_tiny")]
 
 
 @pytest.mark.parametrize("experiment", TINY)
