@@ -285,7 +285,7 @@ def load_mnist(
     elif source == "auto" and root is not None and _holds_mnist(root):
         images, labels = _torchvision(root, split)
     else:
-        if root is not None:
+        if source == "auto" and root is not None:  # asked for the files, got the bundled set
             warnings.warn(
                 f"no MNIST under root={os.fspath(root)!r}; source='auto' falls back to the "
                 "bundled 5,000-digit subset",
