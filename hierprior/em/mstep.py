@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -115,9 +116,9 @@ class NetworkMStep:
     ):
         self.steps = _int(steps, "steps", 1)
         self.batch_size = _int(batch_size, "batch_size", 1)
-        self.lr = _float(lr, "lr", 0.0)
-        if self.lr == 0.0:
-            raise ValueError("mstep lr must be > 0, got 0")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+            raise ValueError(f"mstep lr must be > 0 and finite, got {lr!r}")
+        self.lr = float(lr)
         self.weight_decay = _float(weight_decay, "weight_decay", 0.0)
         self.warmup_steps = _int(warmup_steps, "warmup_steps", 0)
         self.ema_decay = _float(ema_decay, "ema_decay", 0.0, 1.0)
