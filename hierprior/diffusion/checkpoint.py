@@ -103,8 +103,11 @@ def prior_from_dict(ckpt: dict) -> Denoiser:
     if kind == "gmm":
         return GaussianMixturePrior(ckpt["weights"], ckpt["means"], ckpt["covs"], schedule)
     if kind == "edm":
-        backbone = _build(ckpt["backbone"])
-        prior = EDMDenoiser(backbone, ckpt["event_shape"], schedule, ckpt["sigma_data"])
+        # the throwaway initial weights of the rebuilt network must not draw from (and so
+        # advance) the global RNG: loading a prior leaves it as it was
+        with torch.random.fork_rng(devices=[]):
+            backbone = _build(ckpt["backbone"])
+            prior = EDMDenoiser(backbone, ckpt["event_shape"], schedule, ckpt["sigma_data"])
         prior.load_state_dict(ckpt["state_dict"])
         return prior.eval()
     raise ValueError(f"unknown prior kind {kind!r} in checkpoint")

@@ -163,9 +163,7 @@ def _mstep(mstep, previous, samples: Tensor, rdir: Path, *, seed: int, k: int, d
         if state is not None:
             atomic_save(state, state_file)
         save_prior(new, done, meta={"round": k})  # the M-step's commit marker
-    # rebuilding a network initialises its (overwritten) weights from the global RNG: fork it
-    with torch.random.fork_rng(devices=[]):
-        return load_prior(done, map_location=device)
+    return load_prior(done, map_location=device)
 
 
 def _load(path: Path) -> dict | None:
