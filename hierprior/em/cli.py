@@ -67,8 +67,11 @@ def _logger(cfg) -> tuple[str | None, dict]:
     logger = cfg.get("logger") or {}
     if "wandb" in logger:
         w = logger.wandb
-        return "wandb", {"project": w.get("project", "hierprior"), "name": cfg.name,
-                         "mode": w.get("mode", "offline")}  # fmt: skip
+        return "wandb", {
+            "project": w.get("project", "hierprior"),
+            "name": cfg.name,
+            "mode": w.get("mode", "offline"),
+        }
     return ("csv", {}) if "csv" in logger else (None, {})
 
 

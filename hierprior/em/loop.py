@@ -158,8 +158,9 @@ def _mstep(mstep, previous, samples: Tensor, rdir: Path, *, seed: int, k: int, d
     done, state_file = rdir / "prior.ckpt", rdir / "train_state.pt"
     if not done.exists():
         state = _load(rdir.parent / f"round_{k - 1:03d}" / "train_state.pt")
-        new, state = mstep(previous, samples.to(device), rdir / "mstep", seed=seed,
-                           round_index=k, state=state)  # fmt: skip
+        new, state = mstep(
+            previous, samples.to(device), rdir / "mstep", seed=seed, round_index=k, state=state
+        )
         if state is not None:
             atomic_save(state, state_file)
         save_prior(new, done, meta={"round": k})  # the M-step's commit marker
@@ -253,12 +254,22 @@ def run_em(
     seed = int(seed)
 
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="em_"))
-    identity = json.loads(json.dumps({
-        "estep": estep.options(), "mstep": mstep.options(), "monitor": monitor.options(),
-        "stop": stop.options(), "seed": seed, "extra": config or {},
-        "population": population.fingerprint(), "initial_prior": _prior_fingerprint(prior),
-        "prior_type": type(prior).__name__,
-    }, default=str))  # fmt: skip
+    identity = json.loads(
+        json.dumps(
+            {
+                "estep": estep.options(),
+                "mstep": mstep.options(),
+                "monitor": monitor.options(),
+                "stop": stop.options(),
+                "seed": seed,
+                "extra": config or {},
+                "population": population.fingerprint(),
+                "initial_prior": _prior_fingerprint(prior),
+                "prior_type": type(prior).__name__,
+            },
+            default=str,
+        )
+    )
     state = _open_run_dir(run_dir, identity)
     if not (run_dir / "population.pt").exists():
         population.save(run_dir / "population.pt")
@@ -292,9 +303,15 @@ def run_em(
                     images.update(monitor.population_grids(population, run_dir))
                 before = run_dir / f"round_{k - 1:03d}" / "prior_samples.pt"
                 measured, grids, prior_x = monitor(
-                    k, priors[-1], population, samples, estep, rdir, seed=seed,
+                    k,
+                    priors[-1],
+                    population,
+                    samples,
+                    estep,
+                    rdir,
+                    seed=seed,
                     previous_prior_samples=_load(before) if k > 0 else None,
-                )  # fmt: skip
+                )
                 row.update(measured)
                 images.update(grids)
                 if previous is not None:

@@ -149,8 +149,16 @@ class Monitor:
         self.progress = bool(progress)
 
     def options(self) -> dict:
-        keys = ("num_prior_samples", "method", "steps", "num_refs", "re_tessellations",
-                "permutations", "tarp_observations", "tarp_samples")  # fmt: skip
+        keys = (
+            "num_prior_samples",
+            "method",
+            "steps",
+            "num_refs",
+            "re_tessellations",
+            "permutations",
+            "tarp_observations",
+            "tarp_samples",
+        )
         return {k: getattr(self, k) for k in keys}
 
     # ------------------------------------------------------------------------ pieces
@@ -207,9 +215,16 @@ class Monitor:
         }
 
     def calibration(
-        self, prior, population: Population, samples: Tensor, estep, round_dir: Path, *,
-        seed: int, round_index: int,
-    ) -> dict:  # fmt: skip
+        self,
+        prior,
+        population: Population,
+        samples: Tensor,
+        estep,
+        round_dir: Path,
+        *,
+        seed: int,
+        round_index: int,
+    ) -> dict:
         """TARP of posterior samples against the truth on the first observations."""
         n = min(self.tarp_observations, len(population))
         if n < 2 or population.truth is None:
@@ -220,8 +235,7 @@ class Monitor:
             bank = SampleBank(
                 round_dir / "tarp_bank", n, self.tarp_samples, population.signal_shape
             )
-            estep(prior, population[:n], bank, seed=seed, round_index=round_index,
-                  purpose="tarp")  # fmt: skip
+            estep(prior, population[:n], bank, seed=seed, round_index=round_index, purpose="tarp")
             post = bank.load()
         g = derived_generator(seed, round_index, "monitor", "tarp")
         r = tarp(post.float(), population.truth[:n].float().cpu(), generator=g, bootstrap=0)
@@ -264,8 +278,11 @@ class Monitor:
             row["posterior_mean_rmse"] = float(err.pow(2).flatten(1).mean(1).sqrt().mean())
         row.update(self.residuals(population, samples))
         if truth is not None and self.tarp_observations > 0:
-            row.update(self.calibration(prior, population, samples, estep, round_dir,
-                                        seed=seed, round_index=k))  # fmt: skip
+            row.update(
+                self.calibration(
+                    prior, population, samples, estep, round_dir, seed=seed, round_index=k
+                )
+            )
         for ev in self.evaluators:
             row.update({name: float(v) for name, v in ev(prior_x).items()})
         if is_image_shape(population.signal_shape):

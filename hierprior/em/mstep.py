@@ -134,10 +134,21 @@ class NetworkMStep:
         self.progress = bool(progress)
 
     def options(self) -> dict:
-        keys = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
-                "gradient_clip_val", "time_distribution")  # fmt: skip
-        return {"kind": "network", **{k: getattr(self, k) for k in keys},
-                "precision": str(self.trainer.get("precision", "32-true"))}  # fmt: skip
+        keys = (
+            "steps",
+            "batch_size",
+            "lr",
+            "weight_decay",
+            "warmup_steps",
+            "ema_decay",
+            "gradient_clip_val",
+            "time_distribution",
+        )
+        return {
+            "kind": "network",
+            **{k: getattr(self, k) for k in keys},
+            "precision": str(self.trainer.get("precision", "32-true")),
+        }
 
     def check(self, prior) -> None:
         if not isinstance(prior, EDMDenoiser):
@@ -221,8 +232,12 @@ def _readable_checkpoint(path: Path) -> bool:
     except Exception as err:  # unpickling errors come in many types
         target = path.with_suffix(".ckpt.quarantined")
         os.replace(path, target)
-        log.warning("M-step checkpoint %s unreadable (%s); moved to %s, restarting the M-step",
-                    path, str(err).splitlines()[0][:120], target)  # fmt: skip
+        log.warning(
+            "M-step checkpoint %s unreadable (%s); moved to %s, restarting the M-step",
+            path,
+            str(err).splitlines()[0][:120],
+            target,
+        )
         return False
 
 
