@@ -23,6 +23,7 @@ __all__ = [
     "ConfigError",
     "check_em_section",
     "check_overrides",
+    "first_line",
     "group_choices",
     "instantiate_checked",
     "run_app",
@@ -47,6 +48,12 @@ CONF_DIR = str(_find_conf_dir())
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, found before any training (one-line message)."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its repr when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
 
 
 def group_choices(group: str) -> list[str]:
@@ -93,10 +100,9 @@ def instantiate_checked(node, key: str):
         cause = err.__cause__ or err
         if isinstance(cause, FileNotFoundError):
             raise cause from None
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
-        raise ConfigError(f"{key}: {message}") from cause
+        raise ConfigError(f"{key}: {first_line(cause)}") from cause
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"{key}: {str(err).strip().splitlines()[0]}") from err
+        raise ConfigError(f"{key}: {first_line(err)}") from err
 
 
 def check_em_section(cfg) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hierprior.config import ConfigError, check_em_section, instantiate_checked
+from hierprior.config import ConfigError, check_em_section, first_line, instantiate_checked
 
 __all__ = ["check_em_section", "check_sampler_section", "run_from_config"]
 
@@ -36,8 +36,7 @@ def check_sampler_section(cfg) -> None:
     try:
         posterior_method(OmegaConf.to_container(node, resolve=True))
     except (ValueError, TypeError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        raise ConfigError(f"sampler: {message}") from err
+        raise ConfigError(f"sampler: {first_line(err)}") from err
 
 
 def _initial_prior(cfg, run_dir: Path):
@@ -99,10 +98,7 @@ def run_from_config(cfg):
                 "sampler=exact needs a Gaussian round-0 prior: set em.initial_prior to a "
                 "Gaussian prior.ckpt (and em/mstep=gaussian)"
             )
-        try:
-            check_train_config(cfg)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        check_train_config(cfg)
     population = instantiate_checked(cfg.population, "population")
     if not cfg.em.initial_prior:  # the prior to be trained must fit the population's signals
         try:
@@ -120,7 +116,7 @@ def run_from_config(cfg):
         estep.check(prior, population)
         mstep.check(prior)
     except (TypeError, ValueError) as err:
-        raise ConfigError(str(err).splitlines()[0]) from err
+        raise ConfigError(first_line(err)) from err
     if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
         prior, population = prior.cuda(), population.to("cuda")
     logger, logger_options = _logger(cfg)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from hierprior.config import ConfigError
 from hierprior.diffusion.denoiser import EDMDenoiser
 from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.diffusion.schedule import Schedule
@@ -67,18 +68,18 @@ def _instantiate(node, what: str):
 def _int(cfg, key: str, minimum: int, section: str) -> int:
     value = cfg.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{section}.{key} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{section}.{key} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
 def check_train_config(cfg: DictConfig) -> None:
-    """Raises a ValueError naming the key when the train/sample sections are invalid.
+    """Raises a ConfigError (a ValueError) naming the key when train/sample values are invalid.
 
     Runs before any data is loaded, so a typo fails in a second, not after an hour.
     """
     for section in ("train", "sample", "data", "prior", "schedule", "trainer"):
         if cfg.get(section) is None:
-            raise ValueError(f"the config has no `{section}` section")
+            raise ConfigError(f"the config has no `{section}` section")
     train, smp = cfg.train, cfg.sample
     _int(train, "steps", 1, "train")
     _int(train, "batch_size", 1, "train")
@@ -89,16 +90,16 @@ def check_train_config(cfg: DictConfig) -> None:
     if train.get("num_threads") is not None:
         _int(train, "num_threads", 1, "train")
     if not float(train.lr) > 0:
-        raise ValueError(f"train.lr must be > 0, got {train.lr}")
+        raise ConfigError(f"train.lr must be > 0, got {train.lr}")
     if not 0.0 <= float(train.ema_decay) < 1.0:
-        raise ValueError(f"train.ema_decay must lie in [0, 1), got {train.ema_decay}")
+        raise ConfigError(f"train.ema_decay must lie in [0, 1), got {train.ema_decay}")
     if train.time_distribution not in ("lognormal", "uniform"):
-        raise ValueError(
+        raise ConfigError(
             f"train.time_distribution must be 'lognormal' or 'uniform', got "
             f"{train.time_distribution!r}"
         )
     if smp.method not in SAMPLERS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown sampler sample.method={smp.method!r}; expected one of {sorted(SAMPLERS)}"
         )
     _int(smp, "steps", 1, "sample")
