@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from hierprior.em.bank import SampleBank
 from hierprior.em.population import Population
 from hierprior.posterior import PosteriorMethod, posterior_method
+from hierprior.posterior.base import check_int
 from hierprior.seeds import derive_seed
 
 __all__ = ["EStep", "BankWriter", "PosteriorSamplingModule", "estep_batches"]
@@ -35,12 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Lightning Trainer arguments an E-step takes (precision stays fp32: the solves need it)
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes")
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def check_trainer(trainer: Mapping | None, allowed: tuple[str, ...], owner: str) -> dict:
@@ -137,8 +132,8 @@ class EStep:
         progress: bool = False,
     ):
         self.method = posterior_method(sampler)
-        self.num_samples = _positive_int(num_samples, "estep num_samples")
-        self.batch_size = _positive_int(batch_size, "estep batch_size")
+        self.num_samples = check_int(num_samples, "estep num_samples")
+        self.batch_size = check_int(batch_size, "estep batch_size")
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "E-step")
         self.progress = bool(progress)
 

@@ -39,17 +39,12 @@ from hierprior.em.bank import SampleBank
 from hierprior.em.population import Population
 from hierprior.io import atomic_write_text, device_of, is_image_shape, save_sample_grid
 from hierprior.metrics import pqmass, residual_chi2, tarp
+from hierprior.posterior.base import check_int
 from hierprior.seeds import derived_generator
 
 __all__ = ["Monitor", "pqmass_metrics"]
 
 log = logging.getLogger(__name__)
-
-
-def _int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"monitor {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def pqmass_metrics(
@@ -124,20 +119,22 @@ class Monitor:
         value_range: Sequence[float] = (-1.0, 1.0),
         progress: bool = False,
     ):
-        self.num_prior_samples = _int(num_prior_samples, "num_prior_samples", 4)
+        self.num_prior_samples = check_int(num_prior_samples, "monitor num_prior_samples", 4)
         if method not in SAMPLERS:
             raise ValueError(
                 f"unknown monitor method {method!r}; expected one of {sorted(SAMPLERS)}"
             )
         self.method = method
-        self.steps = _int(steps, "steps", 1)
-        self.batch_size = None if batch_size is None else _int(batch_size, "batch_size", 1)
-        self.num_refs = _int(num_refs, "num_refs", 2)
-        self.re_tessellations = _int(re_tessellations, "re_tessellations", 1)
-        self.permutations = _int(permutations, "permutations", 0)
-        self.tarp_observations = _int(tarp_observations, "tarp_observations", 0)
-        self.tarp_samples = _int(tarp_samples, "tarp_samples", 2)
-        self.grid_size = _int(grid_size, "grid_size", 1)
+        self.steps = check_int(steps, "monitor steps", 1)
+        self.batch_size = (
+            None if batch_size is None else check_int(batch_size, "monitor batch_size", 1)
+        )
+        self.num_refs = check_int(num_refs, "monitor num_refs", 2)
+        self.re_tessellations = check_int(re_tessellations, "monitor re_tessellations", 1)
+        self.permutations = check_int(permutations, "monitor permutations", 0)
+        self.tarp_observations = check_int(tarp_observations, "monitor tarp_observations", 0)
+        self.tarp_samples = check_int(tarp_samples, "monitor tarp_samples", 2)
+        self.grid_size = check_int(grid_size, "monitor grid_size", 1)
         self.evaluators = list(evaluators or [])
         for ev in self.evaluators:
             if not callable(ev):

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from hierprior.diffusion import EDMDenoiser, GaussianPrior
 from hierprior.em.estep import check_trainer
+from hierprior.posterior.base import check_int
 from hierprior.seeds import derive_seed
 
 __all__ = ["GaussianMStep", "NetworkMStep", "default_mstep"]
@@ -41,12 +42,6 @@ log = logging.getLogger(__name__)
 TIME_DISTRIBUTIONS = ("lognormal", "uniform")
 #: Lightning Trainer arguments an M-step takes
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision")
-
-
-def _int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"mstep {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _float(value: object, name: str, low: float, high: float | None = None) -> float:
@@ -114,16 +109,16 @@ class NetworkMStep:
         trainer: Mapping | None = None,
         progress: bool = False,
     ):
-        self.steps = _int(steps, "steps", 1)
-        self.batch_size = _int(batch_size, "batch_size", 1)
+        self.steps = check_int(steps, "mstep steps", 1)
+        self.batch_size = check_int(batch_size, "mstep batch_size", 1)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
             raise ValueError(f"mstep lr must be > 0 and finite, got {lr!r}")
         self.lr = float(lr)
         self.weight_decay = _float(weight_decay, "weight_decay", 0.0)
-        self.warmup_steps = _int(warmup_steps, "warmup_steps", 0)
+        self.warmup_steps = check_int(warmup_steps, "mstep warmup_steps", 0)
         self.ema_decay = _float(ema_decay, "ema_decay", 0.0, 1.0)
         self.gradient_clip_val = _float(gradient_clip_val, "gradient_clip_val", 0.0)
-        self.checkpoint_every = _int(checkpoint_every, "checkpoint_every", 1)
+        self.checkpoint_every = check_int(checkpoint_every, "mstep checkpoint_every", 1)
         if time_distribution not in TIME_DISTRIBUTIONS:
             raise ValueError(
                 f"unknown mstep time_distribution {time_distribution!r}; "

@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from hierprior.em.monitor import pqmass_metrics
+from hierprior.posterior.base import check_int
 from hierprior.seeds import derived_generator
 
 __all__ = ["StopRule", "STOP_STATISTIC", "STOP_TESTS"]
@@ -71,12 +72,6 @@ __all__ = ["StopRule", "STOP_STATISTIC", "STOP_TESTS"]
 STOP_STATISTIC = "stop_pvalue"
 #: the tests combined into it
 STOP_TESTS = ("fixedpoint_diff", "fixedpoint_pooled", "mstep_fit")
-
-
-def _int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"stop {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class StopRule:
@@ -108,11 +103,11 @@ class StopRule:
         if not 0.0 < float(level) < 1.0:
             raise ValueError(f"stop level must lie in (0, 1), got {level}")
         self.level = float(level)
-        self.min_rounds = _int(min_rounds, "min_rounds", 1)
-        self.patience = _int(patience, "patience", 1)
-        self.num_refs = _int(num_refs, "num_refs", 2)
-        self.re_tessellations = _int(re_tessellations, "re_tessellations", 1)
-        self.permutations = _int(permutations, "permutations", 1)
+        self.min_rounds = check_int(min_rounds, "stop min_rounds", 1)
+        self.patience = check_int(patience, "stop patience", 1)
+        self.num_refs = check_int(num_refs, "stop num_refs", 2)
+        self.re_tessellations = check_int(re_tessellations, "stop re_tessellations", 1)
+        self.permutations = check_int(permutations, "stop permutations", 1)
         m = len(STOP_TESTS)
         if m / (1 + self.permutations) > self.level:  # the smallest Bonferroni p-value
             raise ValueError(
