@@ -4,6 +4,7 @@ See :mod:`hierprior.physics.forward` for the shape conventions shared by every m
 """
 
 from hierprior.physics.forward import Compose, ForwardModel, Identity, observation_index
+from hierprior.physics.lensing import SIE, SIS, Lensing, MassModel, PointMass, Shear
 from hierprior.physics.linear import Blur, DenseLinear, Downsample, Mask
 from hierprior.physics.noise import GaussianNoise, NoiseModel
 from hierprior.physics.nonlinear import NonLinear
@@ -17,6 +18,12 @@ __all__ = [
     "Blur",
     "Downsample",
     "NonLinear",
+    "Lensing",
+    "MassModel",
+    "SIE",
+    "SIS",
+    "Shear",
+    "PointMass",
     "NoiseModel",
     "GaussianNoise",
     "observation_index",

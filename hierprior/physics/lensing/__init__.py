@@ -1,0 +1,32 @@
+r"""Strong gravitational lensing: analytic mass models and the lensed-image forward model.
+
+- :mod:`hierprior.physics.lensing.mass`: :class:`SIE`, :class:`Shear`, :class:`SIS`,
+  :class:`PointMass` (lenstronomy's parameters and conventions), batched per observation, and
+  their sums.
+- :mod:`hierprior.physics.lensing.simulator`: :class:`Lensing`, the image of a pixelated source
+  through a mass model (ray tracing, bilinear interpolation, supersampling, PSF), linear in the
+  source with an exact adjoint; :func:`gaussian_psf`.
+"""
+
+from hierprior.physics.lensing.mass import (
+    SIE,
+    SIS,
+    MassModel,
+    MassSum,
+    PointMass,
+    Shear,
+    ellipticity,
+)
+from hierprior.physics.lensing.simulator import Lensing, gaussian_psf
+
+__all__ = [
+    "Lensing",
+    "MassModel",
+    "MassSum",
+    "PointMass",
+    "SIE",
+    "SIS",
+    "Shear",
+    "ellipticity",
+    "gaussian_psf",
+]
