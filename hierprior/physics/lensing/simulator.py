@@ -177,8 +177,7 @@ class Lensing(ForwardModel):
             counts["psf"] = kernel.shape[0]
         if len(set(counts.values())) > 1:
             raise ValueError(
-                f"the mass model has {counts['mass']} observations but the PSF has "
-                f"{counts['psf']}"
+                f"the mass model has {counts['mass']} observations but the PSF has {counts['psf']}"
             )
         num_obs = next(iter(counts.values())) if counts else None
         super().__init__((1, source_size, source_size), (1, image_size, image_size), num_obs)
