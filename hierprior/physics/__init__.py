@@ -5,7 +5,7 @@ See :mod:`hierprior.physics.forward` for the shape conventions shared by every m
 
 from hierprior.physics.forward import Compose, ForwardModel, Identity, observation_index
 from hierprior.physics.lensing import SIE, SIS, Lensing, MassModel, PointMass, Shear
-from hierprior.physics.linear import Blur, DenseLinear, Downsample, Mask
+from hierprior.physics.linear import Blur, DenseLinear, Downsample, Mask, Reshape
 from hierprior.physics.noise import GaussianNoise, NoiseModel
 from hierprior.physics.nonlinear import NonLinear
 
@@ -17,6 +17,7 @@ __all__ = [
     "Mask",
     "Blur",
     "Downsample",
+    "Reshape",
     "NonLinear",
     "Lensing",
     "MassModel",

@@ -12,6 +12,8 @@ r"""Linear forward models :math:`y = A x` with explicit adjoints :math:`A^\top`.
   to the input size ('same'). It is computed by FFT on a grid of at least
   :math:`(H + h - 1) \times (W + w - 1)` pixels, so nothing wraps around. The adjoint is the
   correlation with the same kernel, :math:`(A^\top y)[q] = \sum_p k_i[p + c - q]\, y[p]`.
+- :class:`Reshape`: the same values in another event shape (e.g. a vector prior's samples seen
+  as images), self-evidently orthogonal: its adjoint is the reshape back.
 - :class:`Downsample`: average pooling over non-overlapping :math:`f \times f` blocks; its adjoint
   spreads each value uniformly over its block, divided by :math:`f^2`.
 
@@ -37,7 +39,7 @@ from torch import Tensor
 
 from hierprior.physics.forward import ForwardModel, _as_shape
 
-__all__ = ["DenseLinear", "Mask", "Blur", "Downsample"]
+__all__ = ["DenseLinear", "Mask", "Blur", "Downsample", "Reshape"]
 
 
 def _check_tensor(t: object, name: str, floating: bool = True) -> Tensor:
@@ -295,3 +297,33 @@ class Downsample(ForwardModel):
 
     def extra_repr(self) -> str:
         return f"factor={self.factor}, " + super().extra_repr()
+
+
+class Reshape(ForwardModel):
+    """The same values in another event shape (shared): y = x.reshape(*lead, *output_shape).
+
+    Use it to chain a prior over vectors (D,) with an image forward model, e.g.
+    ``Compose(Reshape((D,), (1, R, R)), lensing)``.
+
+    Arguments:
+        input_shape: the event shape of x.
+        output_shape: the event shape of y, with as many elements.
+    """
+
+    linear = True
+
+    def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int]):
+        input_shape = _as_shape(input_shape, "input_shape")
+        output_shape = _as_shape(output_shape, "output_shape")
+        if math.prod(input_shape) != math.prod(output_shape):
+            raise ValueError(
+                f"Reshape cannot map {input_shape} ({math.prod(input_shape)} elements) to "
+                f"{output_shape} ({math.prod(output_shape)} elements)"
+            )
+        super().__init__(input_shape, output_shape, None)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return x.reshape(*x.shape[:2], *self.output_shape)
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return y.reshape(*y.shape[:2], *self.input_shape)

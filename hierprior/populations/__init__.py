@@ -5,9 +5,10 @@ and a seed: a truth generator (``(n, generator) -> (n, *signal_shape)``, e.g.
 :class:`MNISTDigits`), a forward model (a :class:`~hierprior.physics.ForwardModel`, or a
 generator of per-observation ones such as :class:`RandomMask`) and a noise model. A new
 experiment adds a config under ``conf/population/`` and, at most, a truth or forward-model
-generator in its own module here.
+generator in its own module here (:class:`RandomLens`: strong lenses, one per observation).
 """
 
+from hierprior.populations.lensing import RandomLens
 from hierprior.populations.operators import RandomMask, RandomProjection
 from hierprior.populations.simulate import simulate_population
 from hierprior.populations.truths import GalaxyImages, GaussianSignals, MNISTDigits
@@ -16,6 +17,7 @@ __all__ = [
     "GalaxyImages",
     "GaussianSignals",
     "MNISTDigits",
+    "RandomLens",
     "RandomMask",
     "RandomProjection",
     "simulate_population",

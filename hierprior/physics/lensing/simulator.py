@@ -19,8 +19,10 @@ uniform source of value 1 gives an image of 1 wherever the rays land inside the 
 the image has its centre at :math:`x = (j + \tfrac12) p - F/2`, :math:`y = (i + \tfrac12) p -
 F/2` (pixel scale p, field :math:`F = n p`), and the source pixels likewise with pixel
 :math:`F_s / n_s`. A source pixel's value is the surface brightness at its centre; between
-centres it is interpolated bilinearly, and beyond the outer centres towards zero (the source
-is zero outside its field).
+centres it is interpolated bilinearly. The source is zero outside its field: it is continued
+by zero-valued pixels, so beyond the outer pixel centres the interpolation falls linearly to
+zero, reached half a source pixel outside the field (``F.grid_sample`` with zero padding and
+``align_corners=False``).
 
 **Linearity.** The map is linear in the source, with the exact adjoint
 :math:`A^\top = \text{(interpolation)}^\top D^\top P^\top` (a scatter-add of the bilinear
