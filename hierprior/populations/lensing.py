@@ -46,7 +46,7 @@ def _bounds(value: object, name: str, low: float = -math.inf) -> tuple[float, fl
     except (TypeError, ValueError):
         raise ValueError(f"RandomLens {name} must be a pair (low, high); got {value!r}") from None
     if not (math.isfinite(a) and math.isfinite(b) and low <= a <= b):
-        raise ValueError(f"RandomLens {name} must be finite with {low} <= low <= high; got {value}")
+        raise ValueError(f"RandomLens {name} must be finite, {low} <= low <= high; got {value}")
     return a, b
 
 
