@@ -57,7 +57,7 @@ __all__ = ["CausticsForwardModel", "caustics_forward_model"]
 
 INSTALL_HINT = (
     "the caustics interop needs the optional dependency caustics: pip install caustics "
-    "(tested with caustics 1.7.1)"
+    "(tested with 1.7.1), or hierprior's dev extra: pip install -e '.[dev]'"
 )
 
 
