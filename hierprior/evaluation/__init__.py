@@ -1,6 +1,15 @@
-"""Evaluation tools for hierprior experiments (e.g. a digit classifier for MNIST priors)."""
+"""Evaluation tools for hierprior experiments (digit and galaxy morphology classifiers)."""
 
 from hierprior.evaluation.digits import DigitClassifier, default_cache_dir, load_digit_classifier
-from hierprior.evaluation.evaluators import DigitShare
+from hierprior.evaluation.evaluators import DigitShare, SpiralShare
+from hierprior.evaluation.morphology import MorphologyClassifier, load_morphology_classifier
 
-__all__ = ["DigitClassifier", "DigitShare", "default_cache_dir", "load_digit_classifier"]
+__all__ = [
+    "DigitClassifier",
+    "DigitShare",
+    "MorphologyClassifier",
+    "SpiralShare",
+    "default_cache_dir",
+    "load_digit_classifier",
+    "load_morphology_classifier",
+]

@@ -2,7 +2,10 @@
 
 :class:`DigitShare` classifies digit images with the cached digit classifier and reports the
 share of samples classified as a target set of digits (e.g. 5-9 for the MNIST 0-4 -> 5-9 demo),
-the classifier's mean confidence on them, and the share of each digit.
+the classifier's mean confidence on them, and the share of each digit. :class:`SpiralShare`
+does the same for galaxy images with the cached morphology classifier
+(:mod:`hierprior.evaluation.morphology`): the shares of spirals (arms), armless disks and
+ellipticals.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DigitShare"]
+__all__ = ["DigitShare", "SpiralShare"]
 
 
 class DigitShare:
@@ -81,3 +84,63 @@ class DigitShare:
             counts = torch.bincount(labels, minlength=10).float() / len(labels)
             out.update({f"digit_{d}": float(counts[d]) for d in range(10)})
         return out
+
+
+class SpiralShare:
+    """Shares of galaxy images (B, 1, R, R) classified as spiral, disk and elliptical.
+
+    Only "spiral" (arms) counts as spiral; an armless disk does not (see
+    :mod:`hierprior.evaluation.morphology` for the classes and what the classifier cannot see).
+
+    Arguments:
+        resolution: image resolution R (the classifier is trained at it and cached).
+        value_range: the images' value range.
+        cache_dir: where the classifier is cached (default: HIERPRIOR_CACHE or
+            ~/.cache/hierprior).
+        epochs: training epochs of the classifier when it is not cached yet (None: the
+            loader's default).
+    """
+
+    name = "share_spiral"
+
+    def __init__(
+        self,
+        resolution: int = 32,
+        value_range: Sequence[float] = (0.0, 1.0),
+        cache_dir: str | None = None,
+        epochs: int | None = None,
+    ):
+        self.resolution = int(resolution)
+        self.value_range = tuple(float(v) for v in value_range)
+        self.cache_dir = cache_dir
+        self.epochs = epochs
+        self._classifier = None
+
+    def classifier(self):
+        if self._classifier is None:
+            from hierprior.evaluation.morphology import load_morphology_classifier
+
+            self._classifier = load_morphology_classifier(
+                resolution=self.resolution,
+                value_range=self.value_range,
+                cache_dir=self.cache_dir,
+                **({} if self.epochs is None else {"epochs": int(self.epochs)}),
+            )
+        return self._classifier
+
+    def __call__(self, samples: Tensor) -> dict[str, float]:
+        R = self.resolution
+        if samples.ndim != 4 or samples.shape[1:] != (1, R, R) or len(samples) == 0:
+            raise ValueError(
+                f"SpiralShare needs images (B>0, 1, {R}, {R}), got {tuple(samples.shape)}"
+            )
+        clf = self.classifier()  # trained on first use (outside no_grad)
+        with torch.no_grad():
+            proba = clf.predict_proba(samples.float().cpu())
+        shares = torch.bincount(proba.argmax(-1), minlength=3).float() / len(proba)
+        return {
+            "share_spiral": float(shares[2]),
+            "share_disk": float(shares[1]),
+            "share_elliptical": float(shares[0]),
+            "morphology_confidence": float(proba.max(-1).values.mean()),
+        }
