@@ -47,6 +47,18 @@ def _overrides_population(experiment: str) -> bool:
     return "override /population" in keys
 
 
+def _data_choice(experiment: str) -> str | None:
+    """The data option an experiment's defaults choose (read from the file)."""
+    file = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    for entry in file.get("defaults", []):
+        if isinstance(entry, str) or not hasattr(entry, "items"):
+            continue
+        for key, value in entry.items():
+            if str(key).endswith("/data"):
+                return str(value)
+    return None
+
+
 # experiments are split by root: those choosing a population run under em, the others under
 # train_prior (read from the files, so another experiment cannot break collection)
 EM_EXPERIMENTS = [e for e in EXPERIMENTS if _overrides_population(e)]
@@ -159,8 +171,8 @@ def test_every_em_experiment_composes_and_builds(experiment, tmp_path):
             f"experiment={experiment}",
             f"run_dir={tmp_path}",
             "population.num_obs=6",
-            "data.source=bundled",
         ]
+        + (["data.source=bundled"] if _data_choice(experiment) == "mnist" else [])
     )
     _resolve(cfg)
     assert cfg.name == experiment

@@ -163,6 +163,8 @@ def test_bad_shapes_raise(trained):
             clf.predict_proba(bad)
     with pytest.raises(ValueError, match="SpiralShare needs images"):
         share(torch.zeros(0, 1, R, R))
+    # 2R px galaxies span the same field: they are pooled to R px
+    assert set(share(torch.rand(3, 1, 2 * R, 2 * R))) >= {"share_spiral", "share_disk"}
     assert clf.predict_proba(torch.zeros(0, 1, R, R)).shape == (0, 3)
     with pytest.raises(ValueError, match="epochs"):
         load_morphology_classifier(R, cache_dir=cache, epochs=0)

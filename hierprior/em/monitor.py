@@ -289,12 +289,12 @@ class Monitor:
         return row, images, prior_x
 
     def population_grids(self, population: Population, run_dir: Path) -> dict[str, Path]:
-        """Grids of the observations (when image-shaped like the signals) and truths."""
+        """Grids of the observations (when image-shaped, e.g. lensed images) and truths."""
         images: dict[str, Path] = {}
         if not is_image_shape(population.signal_shape):
             return images
         n = min(self.grid_size, len(population))
-        if tuple(population.y.shape[1:]) == population.signal_shape:
+        if is_image_shape(tuple(population.y.shape[1:])):
             images["observations"] = save_sample_grid(
                 population.y[:n], run_dir / "observations.png", self.value_range
             )

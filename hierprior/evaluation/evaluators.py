@@ -130,9 +130,19 @@ class SpiralShare:
 
     def __call__(self, samples: Tensor) -> dict[str, float]:
         R = self.resolution
+        if (
+            samples.ndim == 4
+            and samples.shape[1] == 1
+            and samples.shape[-1] == samples.shape[-2]
+            and samples.shape[-1] > R
+            and samples.shape[-1] % R == 0
+        ):
+            # galaxies span the same field at any resolution: pool k R px images to R px
+            samples = torch.nn.functional.avg_pool2d(samples.float(), samples.shape[-1] // R)
         if samples.ndim != 4 or samples.shape[1:] != (1, R, R) or len(samples) == 0:
             raise ValueError(
-                f"SpiralShare needs images (B>0, 1, {R}, {R}), got {tuple(samples.shape)}"
+                f"SpiralShare needs images (B>0, 1, {R}, {R}) (or (B, 1, kR, kR), pooled to R), "
+                f"got {tuple(samples.shape)}"
             )
         clf = self.classifier()  # trained on first use (outside no_grad)
         with torch.no_grad():

@@ -85,7 +85,11 @@ def gaussian_psf(fwhm: float | Tensor, pixel_scale: float, size: int | None = No
     """
     pixel_scale = _check_length(pixel_scale, "pixel_scale")
     per_obs = isinstance(fwhm, Tensor)
-    f = fwhm.detach().to(torch.float64).cpu() if per_obs else torch.tensor([float(fwhm)])
+    f = (
+        fwhm.detach().to(torch.float64).cpu()
+        if per_obs
+        else torch.tensor([float(fwhm)], dtype=torch.float64)
+    )
     if f.dim() != 1:
         raise ValueError(f"PSF fwhm must be a float or a tensor (N,); got {tuple(f.shape)}")
     if not (torch.isfinite(f).all() and (f > 0).all()):
