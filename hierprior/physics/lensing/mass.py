@@ -293,13 +293,8 @@ class SIE(MassModel):
         return self._param("theta_E", x) / (2 * torch.sqrt(q * xr**2 + yr**2 / q))
 
 
-class SIS(MassModel):
-    r"""Singular isothermal sphere (lenstronomy ``SIS``).
-
-    Arguments:
-        theta_E: Einstein radius [arcsec], > 0.
-        center_x, center_y: the lens centre [arcsec].
-    """
+class _CentredProfile(MassModel):
+    """A circular profile with an Einstein radius and a centre (SIS, PointMass)."""
 
     parameter_names = ("theta_E", "center_x", "center_y")
     positive = ("theta_E",)
@@ -312,17 +307,29 @@ class SIS(MassModel):
     ):
         super().__init__(theta_E=theta_E, center_x=center_x, center_y=center_y)
 
+    def _offsets(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return x - self._param("center_x", x), y - self._param("center_y", x)
+
+
+class SIS(_CentredProfile):
+    r"""Singular isothermal sphere (lenstronomy ``SIS``).
+
+    Arguments:
+        theta_E: Einstein radius [arcsec], > 0.
+        center_x, center_y: the lens centre [arcsec].
+    """
+
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        dx, dy = x - self._param("center_x", x), y - self._param("center_y", x)
+        dx, dy = self._offsets(x, y)
         scale = self._param("theta_E", x) / torch.hypot(dx, dy).clamp_min(_TINY)
         return scale * dx, scale * dy
 
     def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        dx, dy = x - self._param("center_x", x), y - self._param("center_y", x)
+        dx, dy = self._offsets(x, y)
         return self._param("theta_E", x) / (2 * torch.hypot(dx, dy))
 
 
-class PointMass(MassModel):
+class PointMass(_CentredProfile):
     r"""Point mass (lenstronomy ``POINT_MASS``): :math:`\boldsymbol\alpha = \theta_E^2
     \mathbf r / r^2`.
 
@@ -331,19 +338,8 @@ class PointMass(MassModel):
         center_x, center_y: the position of the mass [arcsec].
     """
 
-    parameter_names = ("theta_E", "center_x", "center_y")
-    positive = ("theta_E",)
-
-    def __init__(
-        self,
-        theta_E: float | Tensor,
-        center_x: float | Tensor = 0.0,
-        center_y: float | Tensor = 0.0,
-    ):
-        super().__init__(theta_E=theta_E, center_x=center_x, center_y=center_y)
-
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        dx, dy = x - self._param("center_x", x), y - self._param("center_y", x)
+        dx, dy = self._offsets(x, y)
         scale = self._param("theta_E", x) ** 2 / (dx**2 + dy**2).clamp_min(_TINY)
         return scale * dx, scale * dy
 
