@@ -7,10 +7,11 @@ from __future__ import annotations
 import csv
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from hierprior.config import CONF_DIR
 from hierprior.em.cli import run_from_config
-from tests.test_em_experiment import compose_em
 
 SHRINK = [
     "logger=none",
@@ -51,6 +52,11 @@ SHRINK = [
     "em.stop.level=0.2",
     "em.stop.permutations=15",
 ]
+
+
+def compose_em(overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("em", overrides=overrides)
 
 
 @pytest.mark.parametrize("experiment", ["galaxy_shift_tiny", "galaxy_shift"])
