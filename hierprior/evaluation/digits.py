@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hierprior.data.mnist import check_value_range, from_value_range, load_mnist
+from hierprior.evaluation.classifier import ImageClassifier
 from hierprior.io import atomic_save
 
 __all__ = ["DigitClassifier", "default_cache_dir", "load_digit_classifier"]
@@ -47,7 +48,7 @@ __all__ = ["DigitClassifier", "default_cache_dir", "load_digit_classifier"]
 _FORMAT = 1
 
 
-class DigitClassifier(nn.Module):
+class DigitClassifier(ImageClassifier):
     r"""Small CNN that classifies (B, 1, R, R) digit images in a given value range.
 
     Three conv-BN-ReLU stages (``width``, 2 ``width``, 4 ``width`` channels; 2x2 max pooling
@@ -59,6 +60,8 @@ class DigitClassifier(nn.Module):
         value_range: The range (a, b) of the input pixel values.
         width: The number of channels of the first stage.
     """
+
+    num_classes = 10
 
     def __init__(
         self,
@@ -100,50 +103,12 @@ class DigitClassifier(nn.Module):
             nn.Linear(128, 10),
         )
 
-    def _check(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a Tensor of images, got {type(x).__name__}")
-        R = self.resolution
-        if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (R, R):
-            raise ValueError(f"expected images with shape (B, 1, {R}, {R}), got {tuple(x.shape)}")
-
     def forward(self, x: Tensor) -> Tensor:
         """Returns the logits, with shape (B, 10), of images x with shape (B, 1, R, R)."""
 
         self._check(x)
         u = from_value_range(x.to(self.head[1].weight.dtype), self.value_range)
         return self.head(self.features(u - 0.5))
-
-    @torch.no_grad()
-    def predict_proba(self, images: Tensor, batch_size: int = 1024) -> Tensor:
-        """Class probabilities p(k | x), with shape (B, 10), in eval mode and without gradients.
-
-        Arguments:
-            images: Images in ``value_range``, with shape (B, 1, R, R), on any device.
-            batch_size: Images per forward pass.
-        """
-
-        self._check(images)
-        was_training = self.training
-        self.eval()
-        device = self.head[1].weight.device
-        try:
-            out = [F.softmax(self(chunk.to(device)), dim=-1) for chunk in images.split(batch_size)]
-        finally:
-            self.train(was_training)
-        if not out:
-            return torch.empty(0, 10, device=device)
-        return torch.cat(out)
-
-    def classify(self, images: Tensor, batch_size: int = 1024) -> Tensor:
-        """Most probable digit of each image, int64 with shape (B,).
-
-        Arguments:
-            images: Images in ``value_range``, with shape (B, 1, R, R).
-            batch_size: Images per forward pass.
-        """
-
-        return self.predict_proba(images, batch_size).argmax(dim=-1)
 
     def share(self, images: Tensor, digits: Sequence[int], batch_size: int = 1024) -> float:
         """Fraction of the images classified as one of ``digits`` (e.g. 5-9).

@@ -87,6 +87,7 @@ from torch import Tensor
 
 from hierprior.data.galaxies import make_galaxies
 from hierprior.data.mnist import check_value_range, from_value_range
+from hierprior.evaluation.classifier import ImageClassifier
 from hierprior.evaluation.digits import default_cache_dir
 from hierprior.io import atomic_save
 
@@ -116,7 +117,7 @@ def _check_resolution(resolution: object) -> int:
     return resolution
 
 
-class MorphologyClassifier(nn.Module):
+class MorphologyClassifier(ImageClassifier):
     r"""Small CNN that classifies (B, 1, R, R) galaxy images as elliptical, disk or spiral.
 
     Four conv-BN-ReLU stages (``width``, 2 ``width``, 4 ``width``, 4 ``width`` channels; 2x2
@@ -131,6 +132,7 @@ class MorphologyClassifier(nn.Module):
     """
 
     classes = CLASSES
+    num_classes = len(CLASSES)
 
     def __init__(
         self,
@@ -177,13 +179,6 @@ class MorphologyClassifier(nn.Module):
             nn.Linear(64, len(CLASSES)),
         )
 
-    def _check(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a Tensor of images, got {type(x).__name__}")
-        R = self.resolution
-        if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (R, R):
-            raise ValueError(f"expected images with shape (B, 1, {R}, {R}), got {tuple(x.shape)}")
-
     def forward(self, x: Tensor) -> Tensor:
         """Returns the logits, with shape (B, 3), of images x with shape (B, 1, R, R)."""
 
@@ -191,37 +186,6 @@ class MorphologyClassifier(nn.Module):
         u = from_value_range(x.to(self.head[1].weight.dtype), self.value_range)
         stretched = torch.asinh(u / _BETA) / math.asinh(1 / _BETA)
         return self.head(self.features(torch.cat([u - 0.5, stretched - 0.5], dim=1)))
-
-    @torch.no_grad()
-    def predict_proba(self, images: Tensor, batch_size: int = 1024) -> Tensor:
-        """Class probabilities p(k | x), with shape (B, 3), in eval mode and without gradients.
-
-        Arguments:
-            images: Images in ``value_range``, with shape (B, 1, R, R), on any device.
-            batch_size: Images per forward pass.
-        """
-
-        self._check(images)
-        was_training = self.training
-        self.eval()
-        device = self.head[1].weight.device
-        try:
-            out = [F.softmax(self(chunk.to(device)), dim=-1) for chunk in images.split(batch_size)]
-        finally:
-            self.train(was_training)
-        if not out:
-            return torch.empty(0, len(CLASSES), device=device)
-        return torch.cat(out)
-
-    def classify(self, images: Tensor, batch_size: int = 1024) -> Tensor:
-        """Most probable class of each image (0 elliptical, 1 disk, 2 spiral), int64 (B,).
-
-        Arguments:
-            images: Images in ``value_range``, with shape (B, 1, R, R).
-            batch_size: Images per forward pass.
-        """
-
-        return self.predict_proba(images, batch_size).argmax(dim=-1)
 
 
 def _galaxies(seeds: Sequence[int], n: int, resolution: int) -> tuple[Tensor, Tensor]:
