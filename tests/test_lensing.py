@@ -159,6 +159,42 @@ def test_mass_model_errors():
 
 
 # ---------------------------------------------------------------------------- Lensing
+class _FullGridOnly(SIS):
+    """An SIS that, like a user's non-elementwise component, needs x and y of one shape."""
+
+    elementwise = False
+
+    def _deflection(self, x, y):
+        assert x.shape == y.shape
+        return super()._deflection(x, y)
+
+
+@pytest.mark.parametrize(
+    "mass",
+    [
+        _lens(3),
+        _lens(3) + SIS(0.3, 0.4, -0.2) + PointMass(0.2, -0.5, 0.3),
+        SIE(1.0, 0.1, -0.2, 0.05, 0.0) + Shear(0.02, -0.01),  # shared (float) parameters
+        Shear(torch.tensor([0.02, 0.0]), torch.tensor([0.0, 0.03])),
+        _lens(2) + _FullGridOnly(torch.tensor([0.3, 0.2])),  # falls back to full grids
+        SIE(torch.tensor([1.0, 1.1]), torch.tensor([0.0, 0.1]), torch.tensor([0.0, 0.0])),  # round
+    ],
+)
+@pytest.mark.parametrize("k", [1, 2])
+def test_ray_trace_on_the_separable_grid_equals_ray_shoot(mass, k):
+    lens = Lensing(
+        mass, image_size=9, pixel_scale=0.2, source_size=8, source_fov=2.0, supersample=k
+    )
+    x, y = lens.image_grid(k)
+    if mass.num_obs is not None:
+        x, y = x.expand(mass.num_obs, *x.shape), y.expand(mass.num_obs, *y.shape)
+    bx, by = lens.ray_trace()
+    ex, ey = mass.ray_shoot(x, y)
+    assert bx.shape == ex.shape and by.shape == ey.shape
+    torch.testing.assert_close(bx, ex, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(by, ey, rtol=1e-13, atol=1e-13)
+
+
 def test_image_grid_conventions():
     lens = Lensing(None, 4, 0.5, 8, 2.0)
     x, y = lens.image_grid()

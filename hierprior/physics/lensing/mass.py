@@ -91,11 +91,15 @@ class MassModel(ObservationCount, nn.Module):
 
     Subclasses declare their parameter names in ``parameter_names`` and implement
     :meth:`_deflection` and :meth:`_convergence` on coordinates broadcast against the
-    parameters.
+    parameters. A subclass whose ``_deflection`` is elementwise in (x, y), so that it also
+    takes x and y with different but broadcastable shapes (x (1, 1, m), y (1, m, 1): a
+    separable image grid), sets ``elementwise = True``; :class:`~hierprior.physics.lensing.
+    Lensing` then ray-traces without materialising the full coordinate grids.
     """
 
     parameter_names: tuple[str, ...] = ()
     positive: tuple[str, ...] = ()
+    elementwise: bool = False
 
     def __init__(self, **params: object):
         super().__init__()
@@ -209,6 +213,7 @@ class MassSum(MassModel):
             raise ValueError(f"mass components disagree on the number of observations: {counts}")
         self.num_obs = counts.pop() if counts else None
         self.components = nn.ModuleList(flat)
+        self.elementwise = all(c.elementwise for c in flat)
 
     def __getitem__(self, idx: object) -> MassModel:
         if self.num_obs is None:
@@ -217,8 +222,8 @@ class MassSum(MassModel):
         return MassSum(*(c[index] for c in self.components))
 
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        ax, ay = torch.zeros_like(x), torch.zeros_like(y)
-        for c in self.components:
+        ax, ay = self.components[0]._deflection(x, y)
+        for c in self.components[1:]:
             dx, dy = c._deflection(x, y)
             ax, ay = ax + dx, ay + dy
         return ax, ay
@@ -230,18 +235,22 @@ class MassSum(MassModel):
         return ""
 
 
-def _atan_over(t: Tensor, z: Tensor) -> Tensor:
-    """atan(t z) / t, with its series z (1 - t^2 z^2 / 3) where t is small."""
+def _over_t(fn, sign: float, t: Tensor, z: Tensor) -> Tensor:
+    """fn(t z) / t for fn = atan (sign -1) or artanh (sign +1), with the series
+    z (1 + sign t^2 z^2 / 3) where t < 1e-3 (a round lens)."""
     small = t < 1e-3
     safe = torch.where(small, torch.ones_like(t), t)
-    return torch.where(small, z * (1 - (t * z) ** 2 / 3), torch.atan(safe * z) / safe)
+    return torch.where(small, z * (1 + sign * (t * z) ** 2 / 3), fn(safe * z) / safe)
+
+
+def _atan_over(t: Tensor, z: Tensor) -> Tensor:
+    """atan(t z) / t (series near t = 0)."""
+    return _over_t(torch.atan, -1.0, t, z)
 
 
 def _atanh_over(t: Tensor, z: Tensor) -> Tensor:
-    """artanh(t z) / t, with its series z (1 + t^2 z^2 / 3) where t is small."""
-    small = t < 1e-3
-    safe = torch.where(small, torch.ones_like(t), t)
-    return torch.where(small, z * (1 + (t * z) ** 2 / 3), torch.atanh(safe * z) / safe)
+    """artanh(t z) / t (series near t = 0)."""
+    return _over_t(torch.atanh, 1.0, t, z)
 
 
 class SIE(MassModel):
@@ -253,6 +262,7 @@ class SIE(MassModel):
         center_x, center_y: the lens centre [arcsec].
     """
 
+    elementwise = True
     parameter_names = ("theta_E", "e1", "e2", "center_x", "center_y")
     positive = ("theta_E",)
 
@@ -277,16 +287,23 @@ class SIE(MassModel):
         phi = 0.5 * torch.atan2(e2, e1)
         c, s = torch.cos(phi), torch.sin(phi)
         dx, dy = x - self._param("center_x", x), y - self._param("center_y", x)
-        return c * dx + s * dy, -s * dx + c * dy, c, s, q
+        return torch.addcmul(c * dx, s, dy), torch.addcmul(c * dy, -s, dx), c, s, q
 
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         xr, yr, c, s, q = self._frame(x, y)
-        psi = torch.sqrt(q**2 * xr**2 + yr**2).clamp_min(_TINY)
-        t = torch.sqrt((1 - q**2).clamp_min(0))
+        psi = torch.hypot(q * xr, yr).clamp_min(_TINY)
+        t = torch.sqrt((1 - q**2).clamp_min(0))  # one value per observation
         b = self._param("theta_E", x) * torch.sqrt(q)
-        axr = b * _atan_over(t, xr / psi)
-        ayr = b * _atanh_over(t, yr / psi)
-        return c * axr - s * ayr, s * axr + c * ayr
+        if bool((t < 1e-3).any()):  # a (nearly) round lens: the series branches
+            axr = b * _atan_over(t, xr / psi)
+            ayr = b * _atanh_over(t, yr / psi)
+            return c * axr - s * ayr, s * axr + c * ayr
+        # the common case, with as few full-size operations as possible (ray tracing's cost):
+        # atan(t x'/psi) = atan2(t x', psi) as psi > 0; b / t and the rotation per observation
+        f = b / t
+        u = torch.atan2(t * xr, psi)
+        v = torch.atanh(t * yr / psi)
+        return torch.addcmul((-s * f) * v, c * f, u), torch.addcmul((c * f) * v, s * f, u)
 
     def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
         xr, yr, _, _, q = self._frame(x, y)
@@ -296,6 +313,7 @@ class SIE(MassModel):
 class _CentredProfile(MassModel):
     """A circular profile with an Einstein radius and a centre (SIS, PointMass)."""
 
+    elementwise = True
     parameter_names = ("theta_E", "center_x", "center_y")
     positive = ("theta_E",)
 
@@ -355,6 +373,7 @@ class Shear(MassModel):
         gamma1, gamma2: the shear components.
     """
 
+    elementwise = True
     parameter_names = ("gamma1", "gamma2")
 
     def __init__(self, gamma1: float | Tensor, gamma2: float | Tensor):

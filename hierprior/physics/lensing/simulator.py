@@ -240,6 +240,16 @@ class Lensing(ForwardModel):
         x, y = self.image_grid(self.supersample, dtype, device)
         if self.mass is None:
             return x, y
+        if self.mass.elementwise:
+            # the grid is separable: x varies along columns only, y along rows only, so the
+            # offsets from each lens centre cost O(N m), not O(N m^2), before they broadcast
+            lead = (1,) if self.mass.num_obs is not None else ()
+            xs, ys = x[:1, :].reshape(*lead, 1, -1), y[:, :1].reshape(*lead, -1, 1)
+            ax, ay = self.mass._deflection(xs, ys)
+            shape = torch.broadcast_shapes(ax.shape, ay.shape, (*lead, *x.shape))
+            if self.mass.num_obs is not None:
+                shape = (self.mass.num_obs, *shape[1:])
+            return torch.broadcast_to(xs - ax, shape), torch.broadcast_to(ys - ay, shape)
         if self.mass.num_obs is not None:
             x = x.expand(self.mass.num_obs, *x.shape)
             y = y.expand(self.mass.num_obs, *y.shape)
@@ -254,7 +264,12 @@ class Lensing(ForwardModel):
             return self._grid_cache[key]
         bx, by = self.ray_trace(like.dtype, like.device)
         half = self.source_fov / 2
-        grid = torch.stack((bx / half, by / half), dim=-1)
+        if lens_grad:
+            grid = torch.stack((bx / half, by / half), dim=-1)
+        else:  # written in place: no stack copy (ray tracing is the uncached call's cost)
+            grid = torch.empty((*bx.shape, 2), dtype=bx.dtype, device=bx.device)
+            torch.div(bx, half, out=grid[..., 0])
+            torch.div(by, half, out=grid[..., 1])
         if grid.dim() == 3:
             grid = grid.unsqueeze(0)
         if not lens_grad:
