@@ -65,14 +65,14 @@ _TINY = 1e-30
 
 
 def _as_parameter(value: object, name: str, positive: bool = False) -> Tensor:
-    """A float -> 0-d float64 tensor; a tensor -> checked (N,) floating tensor."""
+    """A float -> 0-d float64 tensor; a tensor -> checked 0-d or (N,) floating tensor."""
     if isinstance(value, bool):
         raise TypeError(f"lens parameter {name} must be a float or a tensor; got a bool")
     if isinstance(value, (int, float)):
         t = torch.tensor(float(value), dtype=torch.float64)
     elif isinstance(value, Tensor):
         t = value if value.dtype.is_floating_point else value.to(torch.get_default_dtype())
-        if t.dim() != 1:
+        if t.dim() > 1:  # 0-d: shared (as a float), (N,): one per observation
             raise ValueError(
                 f"lens parameter {name} must be a float or a tensor with shape (N,); "
                 f"got shape {tuple(t.shape)}"
