@@ -1,6 +1,7 @@
 """Image data sets in the hierprior value convention: float32 (N, C, H, W) tensors with
 intensities [0, 1] mapped linearly onto ``value_range`` (default (-1, 1))."""
 
+from hierprior.data.fields import make_gaussian_random_fields
 from hierprior.data.galaxies import (
     ELLIPTICAL_PARAMS,
     SPIRAL_PARAMS,
@@ -27,6 +28,7 @@ __all__ = [
     "from_value_range",
     "load_mnist",
     "make_galaxies",
+    "make_gaussian_random_fields",
     "sersic_b",
     "to_value_range",
 ]
