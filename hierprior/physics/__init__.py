@@ -4,7 +4,15 @@ See :mod:`hierprior.physics.forward` for the shape conventions shared by every m
 """
 
 from hierprior.physics.forward import Compose, ForwardModel, Identity, observation_index
-from hierprior.physics.lensing import SIE, SIS, Lensing, MassModel, PointMass, Shear
+from hierprior.physics.lensing import (
+    SIE,
+    SIS,
+    Lensing,
+    MassModel,
+    PixelatedConvergence,
+    PointMass,
+    Shear,
+)
 from hierprior.physics.linear import Blur, DenseLinear, Downsample, Mask, Reshape
 from hierprior.physics.noise import GaussianNoise, NoiseModel
 from hierprior.physics.nonlinear import NonLinear
@@ -25,6 +33,7 @@ __all__ = [
     "SIS",
     "Shear",
     "PointMass",
+    "PixelatedConvergence",
     "NoiseModel",
     "GaussianNoise",
     "observation_index",

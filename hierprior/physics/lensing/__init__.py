@@ -3,6 +3,8 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
 - :mod:`hierprior.physics.lensing.mass`: :class:`SIE`, :class:`Shear`, :class:`SIS`,
   :class:`PointMass` (lenstronomy's parameters and conventions), batched per observation, and
   their sums.
+- :mod:`hierprior.physics.lensing.pixelated`: :class:`PixelatedConvergence`, a convergence map
+  on a pixel grid (uniform square pixels; exact direct sum, exact FFT on regular grids).
 - :mod:`hierprior.physics.lensing.simulator`: :class:`Lensing`, the image of a pixelated source
   through a mass model (ray tracing, bilinear interpolation, supersampling, PSF), linear in the
   source with an exact adjoint; :func:`gaussian_psf`.
@@ -17,12 +19,14 @@ from hierprior.physics.lensing.mass import (
     Shear,
     ellipticity,
 )
+from hierprior.physics.lensing.pixelated import PixelatedConvergence
 from hierprior.physics.lensing.simulator import Lensing, gaussian_psf
 
 __all__ = [
     "Lensing",
     "MassModel",
     "MassSum",
+    "PixelatedConvergence",
     "PointMass",
     "SIE",
     "SIS",

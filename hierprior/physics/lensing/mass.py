@@ -133,6 +133,35 @@ class MassModel(ObservationCount, nn.Module):
         x, y = self._check_coordinates(x, y)
         return self._convergence(x, y)
 
+    def grid_deflection(self, xs: Tensor, ys: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The deflection on the regular grid of columns xs and rows ys.
+
+        Arguments:
+            xs: the column (x) coordinates of the grid [arcsec], shape (m_x,).
+            ys: the row (y) coordinates of the grid [arcsec], shape (m_y,).
+
+        Returns:
+            (alpha_x, alpha_y), each (N, m_y, m_x) for a per-observation model, else
+            (m_y, m_x), with ``alpha[..., i, j]`` the deflection at ``(xs[j], ys[i])``. They may
+            be broadcast (read-only) views.
+
+        An ``elementwise`` model is evaluated on the separable grid (x (…, 1, m_x), y
+        (…, m_y, 1)) without materialising it; others on the full grid. Subclasses with a
+        faster exact evaluation on regular grids (:class:`~hierprior.physics.lensing.
+        PixelatedConvergence`: FFT) override it; :class:`~hierprior.physics.lensing.Lensing`
+        ray-traces through it.
+        """
+        xs, ys = self._check_grid(xs, ys)
+        lead = (1,) if self.num_obs is not None else ()
+        shape = (*((self.num_obs,) if lead else ()), ys.shape[0], xs.shape[0])
+        if self.elementwise:
+            # x varies along columns only, y along rows only: the offsets from each lens
+            # centre cost O(N m), not O(N m^2), before they broadcast
+            ax, ay = self._deflection(xs.reshape(*lead, 1, -1), ys.reshape(*lead, -1, 1))
+            return torch.broadcast_to(ax, shape), torch.broadcast_to(ay, shape)
+        x, y = xs[None, :].expand(shape[-2:]), ys[:, None].expand(shape[-2:])
+        return self.deflection(x.expand(shape), y.expand(shape))
+
     def ray_shoot(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         r"""Source-plane positions :math:`\boldsymbol\beta = \boldsymbol\theta -
         \boldsymbol\alpha(\boldsymbol\theta)` of the image-plane positions (x, y)."""
@@ -177,6 +206,20 @@ class MassModel(ObservationCount, nn.Module):
                 f"shape (N, *) with N = {self.num_obs}; got {tuple(x.shape)}"
             )
         return x, y
+
+    @staticmethod
+    def _check_grid(xs: Tensor, ys: Tensor) -> tuple[Tensor, Tensor]:
+        for name, t in (("xs", xs), ("ys", ys)):
+            if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be a floating torch.Tensor; got {type(t).__name__}")
+            if t.dim() != 1 or t.shape[0] < 1:
+                raise ValueError(f"{name} must have shape (m,), m >= 1; got {tuple(t.shape)}")
+        if xs.dtype != ys.dtype or xs.device != ys.device:
+            raise ValueError(
+                f"xs and ys must share dtype and device; got {xs.dtype} on {xs.device} and "
+                f"{ys.dtype} on {ys.device}"
+            )
+        return xs, ys
 
     def _param(self, name: str, like: Tensor) -> Tensor:
         """Parameter ``name`` in like's dtype/device, shaped to broadcast against like."""
@@ -230,6 +273,20 @@ class MassSum(MassModel):
 
     def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
         return sum((c._convergence(x, y) for c in self.components), torch.zeros_like(x))
+
+    def grid_deflection(self, xs: Tensor, ys: Tensor) -> tuple[Tensor, Tensor]:
+        """The deflection on a regular grid (see :meth:`MassModel.grid_deflection`): one
+        separable evaluation when every component is elementwise, else the sum of the
+        components' own grid deflections (each on its fastest path)."""
+        if self.elementwise:
+            return super().grid_deflection(xs, ys)
+        xs, ys = self._check_grid(xs, ys)
+        ax, ay = self.components[0].grid_deflection(xs, ys)
+        for c in self.components[1:]:
+            dx, dy = c.grid_deflection(xs, ys)
+            ax, ay = ax + dx, ay + dy
+        shape = (*(() if self.num_obs is None else (self.num_obs,)), ys.shape[0], xs.shape[0])
+        return torch.broadcast_to(ax, shape), torch.broadcast_to(ay, shape)
 
     def extra_repr(self) -> str:
         return ""
