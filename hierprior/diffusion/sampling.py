@@ -16,12 +16,19 @@ With :math:`\hat x = D(x_t, t)` and a step from t to r < t:
 - **Heun** (EDM's second-order probability-flow ODE solver) in the rescaled variable
   :math:`z = x_t / \alpha_t` with noise level :math:`s = \sigma_t / \alpha_t`:
   :math:`dz/ds = (z - D)/s`.
+- **DPM-Solver++(2M), (3M)** and a **UniPC-style predictor-corrector** (``"dpm2m"``,
+  ``"dpm3m"``, ``"unipc"``): multistep exponential integrators in data-prediction form over
+  the log-SNR, one evaluation per step, reusing the outputs of the previous steps
+  (:mod:`hierprior.diffusion.solvers`); ``eta`` in [0, 1] blends the probability-flow ODE
+  (0) into the reverse SDE (1: SDE-DPM-Solver++(2M) for ``"dpm2m"``).
 
-DDPM and DDIM use one denoiser evaluation per step; Heun uses two (one on the last step).
+DDPM, DDIM and the multistep solvers use one denoiser evaluation per step; Heun uses two (one
+on the last step). :data:`NFE` gives the count for a number of steps.
 
 References:
     Ho et al. (2020), arXiv 2006.11239; Song, Meng & Ermon (2021), DDIM, arXiv 2010.02502;
-    Karras et al. (2022), EDM, arXiv 2206.00364.
+    Karras et al. (2022), EDM, arXiv 2206.00364; Lu et al. (2022), DPM-Solver++,
+    arXiv 2211.01095; Zhao et al. (2023), UniPC, arXiv 2302.04867.
 """
 
 from __future__ import annotations
@@ -32,9 +39,24 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
+from hierprior.diffusion.solvers import check_order, multistep_sampler
 from hierprior.io import device_dtype
 
-__all__ = ["sample", "ddpm_sampler", "ddim_sampler", "heun_sampler", "SAMPLERS", "initial_noise"]
+__all__ = [
+    "sample",
+    "ddpm_sampler",
+    "ddim_sampler",
+    "heun_sampler",
+    "dpm2m_sampler",
+    "dpm3m_sampler",
+    "unipc_sampler",
+    "SAMPLERS",
+    "ETA_SAMPLERS",
+    "MULTISTEP_ORDERS",
+    "check_sampler",
+    "nfe",
+    "initial_noise",
+]
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -135,11 +157,95 @@ def heun_sampler(
     return z
 
 
+def dpm2m_sampler(
+    denoiser: Denoiser,
+    x: Tensor,
+    timesteps: Tensor,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M) (eta = 0) or SDE-DPM-Solver++(2M) (eta = 1); needs steps >= 3."""
+    return multistep_sampler(
+        denoiser, x, timesteps, generator, order=2, eta=eta, corrector=False, progress=progress
+    )
+
+
+def dpm3m_sampler(
+    denoiser: Denoiser,
+    x: Tensor,
+    timesteps: Tensor,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++(3M), third-order multistep (eta > 0: its SDE variant); needs steps >= 4."""
+    return multistep_sampler(
+        denoiser, x, timesteps, generator, order=3, eta=eta, corrector=False, progress=progress
+    )
+
+
+def unipc_sampler(
+    denoiser: Denoiser,
+    x: Tensor,
+    timesteps: Tensor,
+    generator: torch.Generator | None = None,
+    eta: float = 0.0,
+    progress: bool = False,
+    order: int = 3,
+) -> Tensor:
+    """UniPC-style predictor (order ``order``) + corrector (one order more); steps >= order + 1.
+
+    One evaluation per step, like DPM-Solver++: the corrector reuses the next step's output.
+    """
+    return multistep_sampler(
+        denoiser, x, timesteps, generator, order=order, eta=eta, corrector=True, progress=progress
+    )
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sampler,
     "ddim": ddim_sampler,
     "heun": heun_sampler,
+    "dpm2m": dpm2m_sampler,
+    "dpm3m": dpm3m_sampler,
+    "unipc": unipc_sampler,
 }
+
+#: samplers that take ``eta`` (stochasticity in [0, 1]; 0 is deterministic)
+ETA_SAMPLERS = ("ddim", "dpm2m", "dpm3m", "unipc")
+
+#: the (predictor) order of each multistep sampler: it needs steps >= order + 1
+MULTISTEP_ORDERS = {"dpm2m": 2, "dpm3m": 3, "unipc": 3}
+
+
+def nfe(method: str, steps: int) -> int:
+    """Denoiser evaluations of a sampler run of ``steps`` steps (Heun: 2 steps - 1)."""
+    return 2 * steps - 1 if method == "heun" else steps
+
+
+def check_sampler(method: object, steps: object, eta: object = 0.0) -> None:
+    """Raises a one-line ValueError for a bad sampler name, step count, eta or order.
+
+    ``steps`` >= 1 (a multistep sampler of order p: >= p + 1); ``eta`` in [0, 1] and only for
+    :data:`ETA_SAMPLERS`.
+    """
+    if not isinstance(method, str) or method not in SAMPLERS:
+        raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(SAMPLERS)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    if method not in ETA_SAMPLERS and eta != 0.0:
+        raise ValueError(
+            f"eta is an option of sampler='ddim', not {method!r} (samplers that take eta: "
+            f"{', '.join(ETA_SAMPLERS)})"
+        )
+    if method in MULTISTEP_ORDERS:
+        try:
+            check_order(MULTISTEP_ORDERS[method], steps)
+        except ValueError as err:
+            raise ValueError(f"sampler {method!r}: {err}") from None
 
 
 @torch.no_grad()
@@ -162,28 +268,27 @@ def sample(
         prior: any :class:`~hierprior.diffusion.denoiser.Denoiser` (analytic, neural, or a
             posterior wrapper).
         n: number of samples.
-        method: ``"ddpm"``, ``"ddim"`` (with ``eta``) or ``"heun"``.
-        steps: number of time steps (>= 1).
+        method: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``
+            (:data:`SAMPLERS`).
+        steps: number of time steps (>= 1; dpm2m >= 3, dpm3m and unipc >= 4). Denoiser
+            evaluations per sample: ``steps`` (Heun: ``2 steps - 1``).
         generator: source of all randomness (on the prior's device).
-        spacing: time grid, ``"edm"`` or ``"uniform"`` (see ``Schedule.timesteps``).
+        spacing: time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (see
+            ``Schedule.timesteps``); the multistep solvers are most accurate on ``"logsnr"``.
+        eta: stochasticity in [0, 1] of ``"ddim"`` and the multistep solvers (0: ODE).
         batch_size: split the n samples into batches of this size (memory).
         x_init: optional initial noise at t = 1, with shape (n, *event_shape).
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(SAMPLERS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_sampler(method, steps, eta)
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    if method != "ddim" and eta != 0.0:
-        raise ValueError(f"eta is a DDIM option; method {method!r} does not take it")
     device, dtype = device_dtype(prior)
     timesteps = prior.schedule.timesteps(steps, spacing=spacing, device=device)
     if x_init is None:
         x_init = initial_noise(prior, n, generator=generator, device=device, dtype=dtype)
     elif tuple(x_init.shape) != (n, *prior.event_shape):
         raise ValueError(f"x_init must have shape {(n, *prior.event_shape)}, got {x_init.shape}")
-    kwargs = {"eta": eta} if method == "ddim" else {}
+    kwargs = {"eta": eta} if method in ETA_SAMPLERS else {}
     fn = SAMPLERS[method]
     if batch_size is None or batch_size >= n:
         return fn(prior, x_init, timesteps, generator=generator, progress=progress, **kwargs)

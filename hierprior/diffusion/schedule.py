@@ -80,8 +80,9 @@ class Schedule:
 
         The grid starts at t = 1, visits ``steps - 1`` intermediate times down to ``t_min``
         and ends at exactly 0, where a sampler returns the denoised estimate. ``spacing`` is
-        ``"uniform"`` (uniform in t) or ``"edm"`` (uniform in s^(1/rho), Karras et al. 2022),
-        which concentrates steps at low noise.
+        ``"uniform"`` (uniform in t), ``"edm"`` (uniform in s^(1/rho), Karras et al. 2022),
+        which concentrates steps at low noise, or ``"logsnr"`` (uniform in log s, i.e. in the
+        log-SNR, the variable of the multistep solvers: DPM-Solver++'s grid).
         """
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -98,8 +99,18 @@ class Schedule:
             grid = self.t_from_ratio(s)
             grid[0] = 1.0
             grid = torch.cat([grid, grid.new_zeros(1)])
+        elif spacing == "logsnr":
+            s_max = float(self.ratio(torch.tensor(1.0, dtype=torch.float64)))
+            s_min = float(self.ratio(torch.tensor(self.t_min, dtype=torch.float64)))
+            u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
+            s = torch.exp(math.log(s_max) + u * (math.log(s_min) - math.log(s_max)))
+            grid = self.t_from_ratio(s)
+            grid[0] = 1.0
+            grid = torch.cat([grid, grid.new_zeros(1)])
         else:
-            raise ValueError(f"unknown time spacing {spacing!r}; expected 'uniform' or 'edm'")
+            raise ValueError(
+                f"unknown time spacing {spacing!r}; expected 'uniform', 'edm' or 'logsnr'"
+            )
         return grid.to(device=device, dtype=dtype)
 
     def __repr__(self) -> str:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser, expand_time
-from hierprior.diffusion.sampling import SAMPLERS
+from hierprior.diffusion.sampling import ETA_SAMPLERS, SAMPLERS, check_sampler
 from hierprior.io import device_dtype
 from hierprior.physics import ForwardModel, GaussianNoise
 
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 #: time grids of ``Schedule.timesteps``
-SPACINGS = ("edm", "uniform")
+SPACINGS = ("edm", "uniform", "logsnr")
 
 
 class PosteriorSamplingError(RuntimeError):
@@ -346,7 +346,7 @@ class PosteriorMethod:
 
     Arguments:
         steps: time steps of the sampler (>= 1); DAPS: annealing steps; TDS: SMC steps.
-        spacing: the time grid, ``"edm"`` or ``"uniform"`` (``Schedule.timesteps``).
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (``Schedule.timesteps``).
         batch_size: observations per chunk (bounds memory), or None for all at once.
 
     A subclass sets the class attribute ``name``, takes ``steps``, ``spacing``,
@@ -561,10 +561,12 @@ class DenoiserMethod(PosteriorMethod):
 
     Arguments:
         steps: time steps of the sampler (>= 1).
-        sampler: ``"ddpm"`` (ancestral), ``"ddim"`` or ``"heun"`` (probability-flow ODE),
-            from :mod:`hierprior.diffusion.sampling`.
-        eta: DDIM stochasticity in [0, 1] (``sampler="ddim"`` only; 0 is deterministic).
-        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        sampler: ``"ddpm"`` (ancestral), ``"ddim"``, ``"heun"`` (probability-flow ODE), or the
+            multistep solvers ``"dpm2m"``, ``"dpm3m"``, ``"unipc"`` (one evaluation per step;
+            need steps >= 3, 4, 4), from :mod:`hierprior.diffusion.sampling`.
+        eta: stochasticity in [0, 1] of ``"ddim"`` and the multistep solvers (0 is
+            deterministic; :data:`~hierprior.diffusion.sampling.ETA_SAMPLERS`).
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
         batch_size: observations per chunk, or None for all at once.
 
     A subclass sets ``denoiser`` (a :class:`PosteriorDenoiser` class); its options that are
@@ -586,8 +588,7 @@ class DenoiserMethod(PosteriorMethod):
         super().__init__(steps, spacing=spacing, batch_size=batch_size)
         self.sampler = check_choice(sampler, "sampler", tuple(SAMPLERS))
         self.eta = check_float(eta, "eta", 0.0, maximum=1.0)
-        if self.sampler != "ddim" and self.eta != 0.0:
-            raise ValueError(f"eta is an option of sampler='ddim', not {self.sampler!r}")
+        check_sampler(self.sampler, self.steps, self.eta)  # eta's sampler, order vs steps
 
     def build_denoiser(
         self, prior: Denoiser, observation: Observation, num_samples: int
@@ -604,7 +605,7 @@ class DenoiserMethod(PosteriorMethod):
         n = state.shape[0]
         event = tuple(prior.event_shape)
         denoiser = self.build_denoiser(prior, observation, num_samples)
-        kwargs = {"eta": self.eta} if self.sampler == "ddim" else {}
+        kwargs = {"eta": self.eta} if self.sampler in ETA_SAMPLERS else {}
         with torch.no_grad():
             out = SAMPLERS[self.sampler](
                 denoiser,

@@ -85,9 +85,9 @@ class CLA(DenoiserMethod):
         steps: time steps of the sampler (>= 1).
         iterations: CG iterations for the solve with C_t; None: min(M, 32), M the values
             per observation (resolved when sampling).
-        sampler: ``"ddpm"``, ``"ddim"`` or ``"heun"``.
-        eta: DDIM stochasticity (``sampler="ddim"`` only).
-        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        sampler: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``.
+        eta: stochasticity in [0, 1] (ddim and the multistep samplers only).
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
         batch_size: observations per chunk, or None.
     """
 

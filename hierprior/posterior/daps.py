@@ -184,7 +184,7 @@ class DAPS(PosteriorMethod):
         langevin_steps: Langevin iterations per likelihood step.
         lr: Langevin step size relative to the stiffest curvature (> 0).
         iterations: CG iterations of the exact likelihood step; None: min(M, 32).
-        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
         batch_size: observations per chunk, or None.
     """
 

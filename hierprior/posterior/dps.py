@@ -80,9 +80,9 @@ class DPS(DenoiserMethod):
         steps: time steps of the sampler (>= 1).
         zeta: guidance strength (>= 0; 0 gives the prior; about sqrt(M) / sigma_y matches
             the Gaussian likelihood score).
-        sampler: ``"ddpm"``, ``"ddim"`` or ``"heun"``.
-        eta: DDIM stochasticity (``sampler="ddim"`` only).
-        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        sampler: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``.
+        eta: stochasticity in [0, 1] (ddim and the multistep samplers only).
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
         batch_size: observations per chunk, or None.
     """
 

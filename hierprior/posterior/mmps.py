@@ -98,9 +98,9 @@ class MMPS(DenoiserMethod):
         solver: ``"cg"`` (guarded, falls back to GMRES) or ``"gmres"``.
         iterations: solver iterations k per step (exact for a Gaussian prior and linear A
             once k >= the rank of A).
-        sampler: ``"ddpm"``, ``"ddim"`` or ``"heun"``.
-        eta: DDIM stochasticity (``sampler="ddim"`` only).
-        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        sampler: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``.
+        eta: stochasticity in [0, 1] (ddim and the multistep samplers only).
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
         batch_size: observations per chunk, or None.
     """
 

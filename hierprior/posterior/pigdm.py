@@ -125,9 +125,9 @@ class PiGDM(DenoiserMethod):
         iterations: CG iterations for the solve with Sigma_y + r_t^2 A A^T; None:
             min(M, 32) (resolved when sampling).
         data_variance: v, the per-coordinate prior variance assumed by r_t^2 (> 0).
-        sampler: ``"ddpm"``, ``"ddim"`` or ``"heun"``.
-        eta: DDIM stochasticity (``sampler="ddim"`` only).
-        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        sampler: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``.
+        eta: stochasticity in [0, 1] (ddim and the multistep samplers only).
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
         batch_size: observations per chunk, or None.
     """
 

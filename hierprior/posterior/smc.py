@@ -223,7 +223,7 @@ class TDS(PosteriorMethod):
             model, else "dps" (resolved when sampling).
         iterations: CG iterations of the ΠGDM twist; None: min(M, 32).
         data_variance: v of the ΠGDM twist (> 0).
-        spacing: the time grid, ``"edm"`` or ``"uniform"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
         batch_size: observations per chunk, or None.
     """
 
