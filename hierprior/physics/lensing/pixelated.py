@@ -220,8 +220,13 @@ class PixelatedConvergence(MassModel):
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         x, y = torch.broadcast_tensors(x, y)
         shape = x.shape
-        rows = 1 if self.num_obs is None else self.num_obs
-        ax, ay = self._direct(self._kappa(x), x.reshape(rows, -1), y.reshape(rows, -1))
+        if self.num_obs is None:
+            x, y = x.reshape(1, -1), y.reshape(1, -1)
+        elif x.stride(0) == 0 and y.stride(0) == 0:  # the same positions for every map
+            x, y = x[:1].reshape(1, -1), y[:1].reshape(1, -1)
+        else:
+            x, y = x.reshape(self.num_obs, -1), y.reshape(self.num_obs, -1)
+        ax, ay = self._direct(self._kappa(x), x, y)
         return ax.reshape(shape), ay.reshape(shape)
 
     def _direct(self, kappa: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
