@@ -45,12 +45,20 @@ with zero padding (size >= n + A - 1 for A outputs per axis; for the pixel centr
 cached per (dtype, device, grid). A grid whose step does not divide h falls back to the direct
 sum.
 
-**Other codes.** lenstronomy's ``convergence_integrals.deflection_from_kappa_grid`` (1.14.2)
-treats each pixel as a point mass (its kernel is 0 at the pixel itself) and returns the
-deflection at the pixel centres only; caustics' ``PixelatedConvergence`` (1.7.1) does the same
-and, in addition, places its kernel half a pixel off for even n (the deflection field is
-shifted by h/2 along both axes): the measured numbers are in
-tests/test_pixelated_convergence.py (``test_comparison_with_lenstronomy_and_caustics``).
+**Other codes** (measured in tests/test_pixelated_convergence.py,
+``test_comparison_with_lenstronomy_and_caustics``, a Gaussian :math:`\kappa` of width 3 pixels
+on 32 x 32 pixels, differences as fractions of the maximum deflection). lenstronomy 1.14.2's
+``convergence_integrals.deflection_from_kappa_grid`` treats each pixel as a point mass (its
+kernel is 0 at the pixel itself) and returns the deflection at the pixel centres only: it is
+the point-mass pixel sum to 1e-15 and differs from the uniform squares by 5.4e-4. caustics
+1.7.1's ``PixelatedConvergence`` also uses point masses, but samples its (even-sized, 2n)
+kernel at half-integer pixel offsets, so the map it returns at a pixel centre
+:math:`\boldsymbol\theta` is the point-mass sum at :math:`\boldsymbol\theta + (h/2, h/2)`
+(to 6.5e-7, for n = 32 and n = 33 alike): its deflection field is translated by half a
+pixel towards -x and -y, the mass appearing at :math:`-(h/2, h/2)` from where it is (it then
+interpolates that map bilinearly at other positions). Against this
+model at the same positions it differs by 0.18; against this model at
+:math:`\boldsymbol\theta + (h/2, h/2)` by 6e-3 (point masses vs squares).
 """
 
 from __future__ import annotations
