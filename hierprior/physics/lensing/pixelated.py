@@ -42,8 +42,8 @@ pixel centres are :math:`(x_b - X_0) + (a - j) h`, so the deflection is the line
 of :math:`\kappa` with the closed-form kernel sampled at those offsets, computed exactly by FFT
 with zero padding (size >= n + A - 1 for A outputs per axis; for the pixel centres themselves a
 (2n - 1)^2 kernel), inside and outside the :math:`\kappa` grid alike. The kernel transforms are
-cached per (dtype, device, grid). A grid whose step does not divide h falls back to the direct
-sum.
+cached per (dtype, device, grid). A grid whose step does not divide h, or a tiny grid of a huge
+k (the kernels would outgrow the direct sum), falls back to the direct sum.
 
 **Other codes** (measured in tests/test_pixelated_convergence.py,
 ``test_comparison_with_lenstronomy_and_caustics``, a Gaussian :math:`\kappa` of width 3 pixels
@@ -76,6 +76,8 @@ __all__ = ["PixelatedConvergence"]
 # elements of one float64 (positions x corners) block in the direct sum: ~8 MiB a tensor
 _CHUNK_ELEMENTS = 1 << 20
 _CACHE_SIZE = 8
+# the most kernel elements (phases x FFT size) of the FFT path, per component
+_FFT_KERNEL_ELEMENTS = 1 << 25
 
 
 def _fast_size(n: int) -> int:
@@ -270,12 +272,21 @@ class PixelatedConvergence(MassModel):
         (alpha_x, alpha_y), each (N, m_y, m_x), or (m_y, m_x) when shared.
 
         Exact FFT convolutions when both steps divide the pixel side (h / s = k, an integer,
-        any offset; see the module docstring), else the direct sum.
+        any offset; see the module docstring) and the k^2 kernels are no larger than the
+        direct sum's position-pixel pairs (and 2^25 elements), else the direct sum.
         """
         xs, ys = self._check_grid(xs, ys)
         kappa = self._kappa(xs)
         h = self.pixel_size
         gx, gy = _regular_grid(xs, h), _regular_grid(ys, h)
+        if gx is not None and gy is not None:
+            # the FFT pays when its kernels (k_y k_x phases of about (n + A)^2) are no larger
+            # than the direct sum's position-pixel pairs, and fit in memory
+            n, (mx, my) = self.size, (xs.shape[0], ys.shape[0])
+            ax_, ay_ = -(-mx // gx[0]), -(-my // gy[0])
+            kernel = gx[0] * gy[0] * (n + ax_) * (n + ay_)
+            if kernel > min(_FFT_KERNEL_ELEMENTS, mx * my * n * n):
+                gx = None
         if gx is None or gy is None:
             X = xs[None, :].expand(ys.shape[0], -1).reshape(1, -1)
             Y = ys[:, None].expand(-1, xs.shape[0]).reshape(1, -1)
