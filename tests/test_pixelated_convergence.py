@@ -261,13 +261,15 @@ def test_pixelated_uniform_disk_matches_the_analytic_deflection_outside():
         expected = R**2 / r
         radial = ax * torch.cos(phi) + ay * torch.sin(phi)
         transverse = ay * torch.cos(phi) - ax * torch.sin(phi)
-        assert ((radial - expected).abs() / expected).max() < 1e-3  # measured <= 5e-4
+        assert (
+            (radial - expected).abs() / expected
+        ).max() < 1e-3  # 4.9e-4 at 1.1 R, 1.4e-5 at 2.5 R
         assert (transverse.abs() / expected).max() < 1e-3
     # inside a uniform disk alpha = r (on the FFT path at the pixel centres)
     ax, ay = mass.grid_deflection(c, c)
     inner = (c[None, :] ** 2 + c[:, None] ** 2) < (0.6 * R) ** 2
-    assert (ax - c[None, :])[inner].abs().max() < 5e-3 * R
-    assert (ay - c[:, None])[inner].abs().max() < 5e-3 * R
+    assert (ax - c[None, :])[inner].abs().max() < 2e-4 * R  # measured 3.5e-5 R
+    assert (ay - c[:, None])[inner].abs().max() < 2e-4 * R
 
 
 def test_convergence_is_the_piecewise_constant_map():
