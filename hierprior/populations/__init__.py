@@ -9,11 +9,17 @@ generator in its own module here (:class:`RandomLens`: strong lenses, one per ob
 """
 
 from hierprior.populations.lensing import RandomLens
+from hierprior.populations.mass_map import simulate_mass_map_population, true_kappa_map
 from hierprior.populations.operators import RandomMask, RandomProjection
+from hierprior.populations.perturbed_lenses import LensDraw, PerturbedLenses
 from hierprior.populations.simulate import simulate_population
 from hierprior.populations.truths import GalaxyImages, GaussianSignals, MNISTDigits
 
 __all__ = [
+    "LensDraw",
+    "PerturbedLenses",
+    "simulate_mass_map_population",
+    "true_kappa_map",
     "GalaxyImages",
     "GaussianSignals",
     "MNISTDigits",

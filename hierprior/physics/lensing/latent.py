@@ -45,8 +45,11 @@ class LatentMassMap(ForwardModel):
         kappa_fov: the δκ grid's side [arcsec], centred on 0.
         image_size, pixel_scale, source_fov, supersample, psf: as for
             :class:`~hierprior.physics.lensing.Lensing`.
+        kappa_scale: the latent's unit: the signal x maps to δκ = kappa_scale · x (a prior
+            is best trained on O(1) values, while δκ is typically ~0.01-0.1).
 
-    Shapes: δκ (N, [S,] 1, n, n) -> images (N, [S,] 1, image_size, image_size).
+    Shapes: x = δκ / kappa_scale (N, [S,] 1, n, n) -> images (N, [S,] 1, image_size,
+    image_size).
     """
 
     linear = False
@@ -62,6 +65,7 @@ class LatentMassMap(ForwardModel):
         source_fov: float,
         supersample: int = 1,
         psf: float | Tensor | None = None,
+        kappa_scale: float = 1.0,
     ):
         if not isinstance(macro, MassModel):
             raise TypeError(f"macro must be a hierprior MassModel; got {type(macro).__name__}")
@@ -81,6 +85,8 @@ class LatentMassMap(ForwardModel):
             raise ValueError(f"kappa_size must be an integer >= 1; got {kappa_size!r}")
         if not (isinstance(kappa_fov, (int, float)) and kappa_fov > 0):
             raise ValueError(f"kappa_fov must be > 0 (arcsec); got {kappa_fov!r}")
+        if not (isinstance(kappa_scale, (int, float)) and kappa_scale > 0):
+            raise ValueError(f"kappa_scale must be > 0; got {kappa_scale!r}")
         lens = Lensing(
             macro, image_size, pixel_scale, source.shape[-1], source_fov, supersample, psf
         )
@@ -95,6 +101,7 @@ class LatentMassMap(ForwardModel):
         self.lens = lens
         self.register_buffer("source", source)
         self.kappa_size, self.kappa_fov = kappa_size, float(kappa_fov)
+        self.kappa_scale = float(kappa_scale)
         self._kernels: dict = {}  # PixelatedConvergence kernel transforms (geometry only)
         self._macro_cache: dict = {}
 
@@ -120,7 +127,7 @@ class LatentMassMap(ForwardModel):
     def _forward(self, x: Tensor) -> Tensor:
         N, S = x.shape[:2]
         n = self.kappa_size
-        ax, ay = self.kappa_deflection(x.reshape(N * S, n, n))
+        ax, ay = self.kappa_deflection(self.kappa_scale * x.reshape(N * S, n, n))
         macro = self._macro_rays(x)
         if macro.shape[0] > 1:
             macro = macro.repeat_interleave(S, dim=0)
@@ -164,6 +171,7 @@ class LatentMassMap(ForwardModel):
             lens.source_fov,
             lens.supersample,
             None if lens.blur is None else lens.blur.psf,
+            self.kappa_scale,
         )
         out._kernels = self._kernels
         return out
