@@ -34,6 +34,18 @@ the last axis), so the wrapper flattens and unflattens the images. ``--check`` v
 mapping: with the same initial noise and DDIM (eta = 0), hierprior and azula give the same
 prior samples and the same MMPS (GMRES, k = 1) posterior samples up to float32 round-off.
 
+**NFE to a target accuracy** (same run, unless ``--no-nfe``): throughput is per network
+evaluation, so the E-step's cost at a given accuracy is set by how many evaluations a solver
+needs. On the linear-Gaussian problem of DESIGN.md §4 (8-d Gaussian prior with the exact
+denoiser, dense 4 x 8 A, sigma_y = 0.1, 20,000 samples; MMPS with k = 4 CG iterations, which
+is exact guidance there) the script finds, for DDIM on the "edm" grid (hierprior's, and
+azula's ``DDIMSampler`` + ``MMPSDenoiser`` on the same grid when azula is installed: the same
+samples up to round-off) and for hierprior's multistep solvers on the "logsnr" grid, the
+smallest NFE of a ladder (4, 6, 8, 12, ..., 256) at which W2 to the exact posterior is
+<= ``--target`` (default 0.061), on ``--nfe-seeds`` instances (the largest W2 over them counts),
+and reports the NFE ratio to DDIM: the E-step speed-up at equal accuracy, per-evaluation cost
+being the same (``--sampler unipc`` times the throughput table with that solver).
+
 The zero-initialised output layers of the U-Net (``conv_out``, each residual block's
 ``conv2``, each attention ``proj``) are filled with seeded Gaussian weights (std
 :math:`1/\sqrt{\mathrm{fan\_in}}`), so the network and its Jacobian are not trivial; the rest
@@ -65,13 +77,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from hierprior.diffusion import EDMDenoiser, sample
+from hierprior.diffusion import EDMDenoiser, GaussianPrior, sample
+from hierprior.diffusion.sampling import SAMPLERS, check_sampler
+from hierprior.diffusion.sampling import nfe as count_nfe
 from hierprior.nn import UNet
-from hierprior.physics import GaussianNoise, Mask
+from hierprior.physics import DenseLinear, GaussianNoise, Mask
 from hierprior.posterior import (
     POSTERIOR_METHODS,
     DenoiserMethod,
     PosteriorSamplingError,
+    exact_gaussian_posterior,
+    gaussian_fit,
+    gaussian_w2,
     sample_posterior,
 )
 
@@ -92,6 +109,9 @@ __all__ = [
     "run_benchmark",
     "check_against_azula",
     "format_table",
+    "gaussian_problem",
+    "nfe_to_target",
+    "format_nfe_table",
     "main",
 ]
 
@@ -594,6 +614,148 @@ def check_against_azula(problem: Problem, steps: int, seed: int = 0) -> dict[str
     }
 
 
+#: the NFE ladder searched for the target W2
+NFE_LADDER = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+#: (solver, grid) rows of the NFE table: DDIM (the peers' sampler) first, then hierprior's
+NFE_SOLVERS = (
+    ("ddim", "edm"),
+    ("dpm2m", "logsnr"),
+    ("dpm3m", "logsnr"),
+    ("unipc", "logsnr"),
+)
+
+
+def gaussian_problem(seed: int):
+    """DESIGN.md §4: N(mu, B B^T/8 + 0.1 I) in D = 8, one dense 4x8 A (N(0, 1/8)), sigma_y 0.1.
+
+    The recipe of ``experiments/samplers/run_study.py`` (float64); returns (prior, forward,
+    noise, y, exact posterior mean (1, 8), covariance (1, 8, 8)).
+    """
+    f64 = torch.float64
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(8, 8, generator=g, dtype=f64)
+    prior = GaussianPrior(
+        torch.randn(8, generator=g, dtype=f64), b @ b.T / 8 + 0.1 * torch.eye(8, dtype=f64)
+    )
+    forward = DenseLinear(torch.randn(1, 4, 8, generator=g, dtype=f64) / math.sqrt(8))
+    noise = GaussianNoise(0.1)
+    x = prior.sample(1, generator=g)
+    y = forward(x) + noise.sample((1, 4), generator=g, dtype=f64)
+    mean, cov = exact_gaussian_posterior(prior, forward, noise, y)
+    return prior, forward, noise, y, mean, cov
+
+
+def _azula_gaussian_mmps(prior, forward, y, steps: int, x_init: Tensor) -> Tensor:
+    """azula's DDIMSampler + MMPSDenoiser (CG, k = 4) on hierprior's "edm" grid, float64."""
+    from azula.guidance import MMPSDenoiser
+    from azula.linalg.covariance import IsotropicCovariance
+
+    a = forward.A[0]
+    mmps = MMPSDenoiser(
+        make_azula_denoiser(prior),
+        y[0],
+        lambda x: x @ a.T,
+        IsotropicCovariance(torch.tensor(0.01, dtype=torch.float64)),
+        solver="cg",
+        iterations=4,
+    )
+    grid = prior.schedule.timesteps(steps, spacing="edm")
+    with torch.no_grad():
+        return _azula_sampler("ddim", mmps, grid)(x_init)
+
+
+def nfe_to_target(
+    target: float = 0.061,
+    seeds: tuple[int, ...] = (84, 0, 1),
+    num_samples: int = 20_000,
+    solvers: tuple[tuple[str, str], ...] = NFE_SOLVERS,
+    with_azula: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> list[dict]:
+    """The smallest NFE of :data:`NFE_LADDER` at which each solver reaches W2 <= target.
+
+    MMPS (CG, k = 4) through ``sample_posterior`` on :func:`gaussian_problem` for each seed
+    (the worst W2 over the seeds counts), the initial noise drawn from one seeded generator
+    per seed (the same for every solver). With azula, its DDIM + MMPS runs from the same noise
+    as a row of its own. Returns one dict per row: solver, grid, implementation, nfe (None if
+    the ladder does not reach the target), w2 (worst over seeds at that NFE), w2_below (at the
+    previous rung), seconds (the runs at that NFE, all seeds).
+    """
+    problems = [gaussian_problem(seed) for seed in seeds]
+    inits = {}
+    for seed, (prior, *_rest) in zip(seeds, problems):
+        g = torch.Generator().manual_seed(seed + 1)
+        sigma_1 = float(prior.schedule.alpha_sigma(torch.tensor(1.0, dtype=torch.float64))[1])
+        inits[seed] = sigma_1 * torch.randn(1, num_samples, 8, generator=g, dtype=torch.float64)
+
+    def hierprior_run(sampler: str, grid: str, steps: int, k: int) -> Tensor:
+        prior, forward, noise, y, _, _ = problems[k]
+        return sample_posterior(
+            prior, forward, noise, y, "mmps", steps, num_samples, torch.Generator(),
+            iterations=4, sampler=sampler, spacing=grid, x_init=inits[seeds[k]],
+        )  # fmt: skip
+
+    def azula_run(sampler: str, grid: str, steps: int, k: int) -> Tensor:
+        prior, forward, _, y, _, _ = problems[k]
+        return _azula_gaussian_mmps(prior, forward, y, steps, inits[seeds[k]][0])[None]
+
+    rows = [(s, g, "hierprior", hierprior_run) for s, g in solvers]
+    if with_azula and azula is not None:
+        rows.insert(1, ("ddim", "edm", "azula", azula_run))
+    results = []
+    for sampler, grid, impl, fn in rows:
+        found, below = None, None
+        for nfe in NFE_LADDER:
+            steps = (nfe + 1) // 2 if sampler == "heun" else nfe
+            try:
+                check_sampler(sampler, steps)
+            except ValueError:  # too few steps for a multistep solver's order
+                continue
+            start = time.perf_counter()
+            w2 = []
+            for k in range(len(seeds)):
+                xs = fn(sampler, grid, steps, k)
+                _, _, _, _, mean, cov = problems[k]
+                w2.append(float(gaussian_w2(*gaussian_fit(xs), mean, cov).mean()))
+            seconds = time.perf_counter() - start
+            if max(w2) <= target:
+                found = {"nfe": count_nfe(sampler, steps), "w2": max(w2), "seconds": seconds}
+                break
+            below = max(w2)
+        row = {"solver": sampler, "grid": grid, "impl": impl, "w2_below": below}
+        row.update(found or {"nfe": None, "w2": None, "seconds": None})
+        results.append(row)
+        if log is not None:
+            log(f"  {impl:9s} {sampler:6s} {grid:6s} NFE to W2 <= {target}: {row['nfe']}")
+    return results
+
+
+def format_nfe_table(results: list[dict], target: float, seeds, num_samples: int) -> str:
+    """The NFE table as markdown, with the NFE ratio of each row to hierprior's DDIM."""
+    ref = next(
+        (r["nfe"] for r in results if r["solver"] == "ddim" and r["impl"] == "hierprior"), None
+    )
+    lines = [
+        f"NFE to W2 <= {target} (worst of seeds {list(seeds)}), MMPS CG k=4, D=8 dense 4x8 A, "
+        f"sigma_y 0.1, {num_samples:,} samples",
+        "",
+        "| solver | implementation | grid | NFE to target | W2 there (worst seed) | W2 one rung "
+        "below | DDIM NFE / NFE | time at target (s, all seeds) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        nfe = r["nfe"]
+        ratio = f"{ref / nfe:.1f}x" if ref and nfe else "-"
+        w2 = f"{r['w2']:.3f}" if r["w2"] is not None else f"> {target} at {NFE_LADDER[-1]}"
+        below = f"{r['w2_below']:.3f}" if r["w2_below"] is not None else "-"
+        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
+        lines.append(
+            f"| {r['solver']} | {r['impl']} | {r['grid']} | {nfe or '-'} | {w2} | {below} | "
+            f"{ratio} | {secs} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value: float) -> str:
     """Three significant figures, no exponent for the usual range."""
     if value >= 100:
@@ -677,7 +839,22 @@ def main(argv: list[str] | None = None) -> str:
         default="wall",
         help="wall time, or process CPU time (CPU only; steadier on a shared machine)",
     )
-    parser.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    parser.add_argument(
+        "--sampler",
+        choices=sorted(SAMPLERS),
+        default="ddim",
+        help="hierprior's sampler (azula rows: ddpm for ddpm, else ddim)",
+    )
+    parser.add_argument(
+        "--target", type=float, default=0.061, help="W2 of the NFE-to-target table"
+    )
+    parser.add_argument(
+        "--nfe-seeds", default="84,0,1", help="instances of the Gaussian problem (comma-sep.)"
+    )
+    parser.add_argument(
+        "--nfe-samples", type=int, default=20_000, help="samples of the NFE-to-target table"
+    )
+    parser.add_argument("--no-nfe", action="store_true", help="skip the NFE-to-target table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-azula", action="store_true", help="time hierprior only")
     parser.add_argument(
@@ -703,6 +880,16 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--bf16 and --compile are CUDA-only options")
     if args.clock == "cpu" and device.type == "cuda":
         parser.error("--clock cpu cannot time CUDA work")
+    if not (args.target > 0 and math.isfinite(args.target)):
+        parser.error(f"--target must be a positive W2, got {args.target}")
+    try:
+        nfe_seeds = [int(v) for v in args.nfe_seeds.split(",") if v.strip()]
+    except ValueError:
+        nfe_seeds = []
+    if not nfe_seeds:
+        parser.error(f"--nfe-seeds must be comma-separated integers, got {args.nfe_seeds!r}")
+    if args.nfe_samples < 2:
+        parser.error(f"--nfe-samples must be >= 2, got {args.nfe_samples}")
     for name in ("batch", "steps", "repeats", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -742,6 +929,14 @@ def main(argv: list[str] | None = None) -> str:
     table = format_table(results, problem, steps, meta)
     print()
     print(table)
+    if not args.no_nfe:
+        seeds = tuple(int(v) for v in args.nfe_seeds.split(",") if v.strip())
+        print(f"NFE to W2 <= {args.target} on the Gaussian problem (seeds {list(seeds)}):")
+        nfe_rows = nfe_to_target(args.target, seeds, args.nfe_samples, with_azula=with_azula)
+        nfe_table = format_nfe_table(nfe_rows, args.target, seeds, args.nfe_samples)
+        print()
+        print(nfe_table)
+        table = table + "\n" + nfe_table
     if args.out:
         with open(args.out, "w") as f:
             f.write(table)
