@@ -20,11 +20,11 @@ exact     closed form (GaussianPrior, linear A): mean + chol(cov) z   no diffusi
 ========  ==========================================================  =====================
 
 Denoiser wrappers are run by the unconditional samplers of :mod:`hierprior.diffusion`
-(``sampler="ddpm" | "ddim" | "heun"``). Nothing couples observations: a chunk of
-observations (``batch_size``) or a single one gives the same per-observation computations;
-with the same initial noise (``x_init``) and a deterministic sampler (``"ddim"`` with
-``eta=0``, ``"heun"``) a wrapper method returns the same samples for observation i alone as
-in any batch.
+(``sampler="ddpm" | "ddim" | "heun" | "dpm2m" | "dpm3m" | "unipc"``). Nothing couples
+observations: a chunk of observations (``batch_size``) or a single one gives the same
+per-observation computations; with the same initial noise (``x_init``) and a deterministic
+sampler (``"ddim"``, ``"dpm2m"``, ``"dpm3m"``, ``"unipc"`` with ``eta=0``, ``"heun"``) a
+wrapper method returns the same samples for observation i alone as in any batch.
 
 Every option is checked when the method is built (no prior needed); what needs the prior or
 the forward model (``method.check``) and the problem itself are checked before any sampling
@@ -143,17 +143,17 @@ def sample_posterior(
         num_samples: S, samples per observation (>= 1).
         generator: the source of all randomness (on the prior's device); the global RNG is
             never used when it is given.
-        options: common — ``spacing`` ("edm" | "uniform" time grid), ``batch_size``
-            (observations per chunk, bounds memory), ``x_init`` (noise at t = 1, with shape
-            (N, S, *event); TDS: (N, G·P, *event)), ``progress``, ``return_info``;
-            wrappers (mmps, dps, cla, pigdm) — ``sampler`` ("ddpm" | "ddim" | "heun"),
-            ``eta`` (DDIM); per method — mmps: ``solver`` ("cg" | "gmres"), ``iterations``
-            (4); dps: ``zeta`` (1.0); cla: ``iterations`` (min(M, 32)); pigdm:
-            ``iterations``, ``data_variance`` (1.0); daps: ``ode_steps`` (1),
-            ``likelihood_step`` ("exact" for linear A, else "langevin"),
-            ``langevin_steps`` (50), ``lr`` (0.1), ``iterations``; tds: ``particles``
-            (default S), ``ess_threshold`` (0.5), ``twist`` ("pigdm" for linear A, else
-            "dps"), ``iterations``, ``data_variance``. See the method classes.
+        options: common — ``spacing`` ("edm" | "uniform" | "logsnr" time grid), ``batch_size``
+            (observations per chunk, bounds memory), ``x_init`` (noise at t = 1, with shape (N, S,
+            *event); TDS: (N, G·P, *event)), ``progress``, ``return_info``; wrappers (mmps, dps,
+            cla, pigdm) — ``sampler`` ("ddpm" | "ddim" | "heun" | "dpm2m" | "dpm3m" | "unipc"),
+            ``eta`` (ddim and the multistep solvers); per method — mmps: ``solver`` ("cg" |
+            "gmres"), ``iterations`` (4); dps: ``zeta`` (1.0); cla: ``iterations`` (min(M, 32));
+            pigdm: ``iterations``, ``data_variance`` (1.0); daps: ``ode_steps`` (1),
+            ``likelihood_step`` ("exact" for linear A, else "langevin"), ``langevin_steps`` (50),
+            ``lr`` (0.1), ``iterations``; tds: ``particles`` (default S), ``ess_threshold`` (0.5),
+            ``twist`` ("pigdm" for linear A, else "dps"), ``iterations``, ``data_variance``. See
+            the method classes.
 
     Returns:
         Samples with shape (N, S, *prior.event_shape) (with ``return_info=True``, also a dict
