@@ -7,48 +7,21 @@ import csv
 
 import pytest
 from hydra import compose, initialize_config_dir
+from test_galaxy_experiment import SHRINK as GALAXY_SHRINK  # tests/ is on sys.path
 
 from hierprior.config import CONF_DIR
 from hierprior.em.cli import run_from_config
 
+# the galaxy experiments' shrink, with 12 observations in batches of 6
+SMALLER = {
+    "population.num_obs": "12",
+    "em.estep.batch_size": "6",
+    "em.mstep.batch_size": "6",
+    "em.monitor.num_prior_samples": "12",
+}
 SHRINK = [
-    "logger=none",
-    "trainer=default",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "data.n=64",
-    "prior.backbone.channels=[8,8]",
-    "prior.backbone.num_res_blocks=1",
-    "prior.backbone.attention_resolutions=[]",
-    "train.steps=3",
-    "train.batch_size=16",
-    "train.warmup=1",
-    "train.ckpt_every=0",
-    "train.sample_every=0",
-    "sample.n=4",
-    "sample.steps=2",
-    "population.num_obs=12",
-    "sampler.steps=3",
-    "em.rounds=1",
-    "em.estep.num_samples=1",
-    "em.estep.batch_size=6",
-    "em.mstep.steps=2",
-    "em.mstep.batch_size=6",
-    "em.mstep.warmup_steps=1",
-    "em.mstep.checkpoint_every=1",
-    "em.monitor.num_prior_samples=12",
-    "em.monitor.steps=2",
-    "em.monitor.num_refs=4",
-    "em.monitor.re_tessellations=3",
-    "em.monitor.permutations=5",
-    "em.monitor.tarp_observations=4",
-    "em.monitor.tarp_samples=2",
-    "em.monitor.grid_size=4",
-    "em.stop.min_rounds=2",
-    "em.stop.num_refs=4",
-    "em.stop.re_tessellations=3",
-    "em.stop.level=0.2",
-    "em.stop.permutations=15",
+    o if o.split("=")[0] not in SMALLER else f"{o.split('=')[0]}={SMALLER[o.split('=')[0]]}"
+    for o in GALAXY_SHRINK
 ]
 # the GPU-sized one shrunk further: its 64 x 64 delta kappa on a smaller image
 GPU_SHRINK = ["population.image_size=32", "population.supersample=1", "sampler.iterations=1"]

@@ -182,6 +182,11 @@ class MassModel(ObservationCount, nn.Module):
         for name in self.parameter_names:
             t = getattr(self, name)
             params[name] = t.index_select(0, index.to(t.device)) if t.dim() == 1 else t
+        return self._rebuild(params)
+
+    def _rebuild(self, params: dict[str, Tensor]) -> MassModel:
+        """A model of this type with the given parameters (subclasses with other constructor
+        arguments, e.g. a multipole's order, override it)."""
         return type(self)(**params)
 
     def extra_repr(self) -> str:

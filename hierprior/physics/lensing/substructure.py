@@ -44,7 +44,6 @@ import math
 import torch
 from torch import Tensor
 
-from hierprior.physics.forward import observation_index
 from hierprior.physics.lensing.mass import _TINY, MassModel
 
 __all__ = ["PseudoJaffe", "Multipole", "pseudo_jaffe_from_mass"]
@@ -132,14 +131,7 @@ class Multipole(MassModel):
         super().__init__(a_m=a_m, phi_m=phi_m, center_x=center_x, center_y=center_y)
         self.m = m
 
-    def __getitem__(self, idx: object) -> MassModel:
-        if self.num_obs is None:
-            return self
-        index = observation_index(idx, self.num_obs)
-        params = {}
-        for name in self.parameter_names:
-            t = getattr(self, name)
-            params[name] = t.index_select(0, index.to(t.device)) if t.dim() == 1 else t
+    def _rebuild(self, params: dict[str, Tensor]) -> MassModel:
         return Multipole(self.m, **params)
 
     def _angles(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
