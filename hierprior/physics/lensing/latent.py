@@ -17,7 +17,7 @@ sum), a bilinear source lookup (zero outside its field) and the PSF. It is non-l
 deflection (linear in δκ) and ``grid_sample`` (bilinear in the rays), so every E-step method
 for non-linear models works on it (MMPS linearised, DPS, DAPS with Langevin steps, TDS).
 
-The macro deflection is traced once and cached (the macro model is fixed).
+The macro rays are those of the inner :class:`Lensing` (traced once and cached there).
 """
 
 from __future__ import annotations
@@ -103,19 +103,8 @@ class LatentMassMap(ForwardModel):
         self.kappa_size, self.kappa_fov = kappa_size, float(kappa_fov)
         self.kappa_scale = float(kappa_scale)
         self._kernels: dict = {}  # PixelatedConvergence kernel transforms (geometry only)
-        self._macro_cache: dict = {}
 
     # ------------------------------------------------------------------ pieces
-    def _macro_rays(self, like: Tensor) -> Tensor:
-        """β of the macro model on the ray grid, (N or 1, m, m, 2), in like's dtype."""
-        key = (like.dtype, like.device)
-        if key not in self._macro_cache:
-            bx, by = self.lens.ray_trace(like.dtype, like.device)
-            if bx.dim() == 2:
-                bx, by = bx[None], by[None]
-            self._macro_cache = {key: torch.stack((bx, by), dim=-1)}
-        return self._macro_cache[key]
-
     def kappa_deflection(self, kappa: Tensor) -> tuple[Tensor, Tensor]:
         """The deflection of δκ maps (B, n, n) on the ray grid: (B, m, m) each."""
         pc = PixelatedConvergence(kappa, self.kappa_fov)
@@ -128,11 +117,12 @@ class LatentMassMap(ForwardModel):
         N, S = x.shape[:2]
         n = self.kappa_size
         ax, ay = self.kappa_deflection(self.kappa_scale * x.reshape(N * S, n, n))
-        macro = self._macro_rays(x)
+        # the macro rays are Lensing's cached sampling grid (β / half, the macro model is fixed)
+        macro = self.lens._sampling_grid(x)
         if macro.shape[0] > 1:
             macro = macro.repeat_interleave(S, dim=0)
         half = self.lens.source_fov / 2
-        grid = (macro - torch.stack((ax, ay), dim=-1)) / half
+        grid = macro - torch.stack((ax, ay), dim=-1) / half
         source = self.source.to(x.dtype)
         source = source.expand(N, *source.shape[1:]) if source.shape[0] == 1 else source
         source = source.repeat_interleave(S, dim=0)
@@ -147,14 +137,15 @@ class LatentMassMap(ForwardModel):
         return image if self.lens.blur is None else self.lens.blur._forward(image)
 
     def _jvp(self, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        # reverse-over-reverse (grid_sample has no forward-mode derivative for the grid)
-        y, pullback = torch.func.vjp(self._forward, x)
-        u = torch.zeros_like(y, requires_grad=True)
+        # reverse-over-reverse (grid_sample has no forward-mode derivative for the grid):
+        # J v = d/du <J^T u, v>, from one forward pass
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(
-                torch.func.vjp(self._forward, x)[1](u)[0], u, v, create_graph=False
-            )
-        return y, g
+            xg = x.detach().requires_grad_(True)
+            y = self._forward(xg)
+            u = torch.zeros_like(y, requires_grad=True)
+            (jtu,) = torch.autograd.grad(y, xg, u, create_graph=True)
+            (jv,) = torch.autograd.grad(jtu, u, v)
+        return y.detach(), jv
 
     def _select(self, index: Tensor) -> LatentMassMap:
         lens = self.lens[index]  # the macro model and a per-observation PSF, sliced
