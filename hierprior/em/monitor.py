@@ -199,8 +199,11 @@ class Monitor:
         )
 
     @staticmethod
-    def residuals(population: Population, samples: Tensor, chunk: int = 256) -> dict:
-        """Reduced chi2 of the bank per observation, over observed entries only."""
+    def residual_chi2_per_observation(
+        population: Population, samples: Tensor, chunk: int = 256
+    ) -> Tensor:
+        """Reduced chi2 per observation (N,), float64, of samples (N, S, *event) averaged over
+        S, over observed entries only."""
         per_obs = []
         with torch.no_grad():
             for start in range(0, len(population), chunk):
@@ -214,7 +217,12 @@ class Monitor:
                     sub.y.unsqueeze(1), pred, sub.noise.std(pred), 2, observed=observed
                 )
                 per_obs.append(chi2.mean(1).cpu())
-        chi2 = torch.cat(per_obs).double()
+        return torch.cat(per_obs).double()
+
+    @staticmethod
+    def residuals(population: Population, samples: Tensor, chunk: int = 256) -> dict:
+        """Reduced chi2 of the bank per observation, over observed entries only."""
+        chi2 = Monitor.residual_chi2_per_observation(population, samples, chunk)
         return {
             "residual_chi2_nu": float(chi2.mean()),  # = the mean: the name issues check
             "residual_chi2_nu_mean": float(chi2.mean()),

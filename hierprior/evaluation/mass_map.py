@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hierprior.em.monitor import Monitor
 from hierprior.io import atomic_write_bytes, figure_bytes, save_sample_grid
-from hierprior.metrics import residual_chi2
 
 __all__ = ["MassMapMetrics", "power_spectrum", "gaussian_smooth"]
 
@@ -95,21 +95,12 @@ class MassMapMetrics:
         self.chunk = int(chunk)
         self._analytic: tuple[int, float] | None = None
 
-    def _chi2(self, population, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Reduced chi2 per observation of predictions A(x) (x (N, *event)), and the first
-        grid_size normalised residuals."""
-        per_obs, resid = [], []
+    def _normalised_residuals(self, population, x: Tensor) -> Tensor:
+        """(y - A(x)) / sigma of the first grid_size observations, x (N, *event)."""
+        sub = population[: self.grid_size]
         with torch.no_grad():
-            for start in range(0, len(population), self.chunk):
-                sub = population[start : start + self.chunk]
-                xs = x[start : start + self.chunk].to(sub.y)
-                pred = sub.forward(xs)
-                sigma = sub.noise.std(pred)
-                observed = sub.forward.observed
-                per_obs.append(residual_chi2(sub.y, pred, sigma, 1, observed=observed).cpu())
-                if sum(len(r) for r in resid) < self.grid_size:
-                    resid.append(((sub.y - pred) / sigma).cpu())
-        return torch.cat(per_obs).double(), torch.cat(resid)[: self.grid_size]
+            pred = sub.forward(x[: self.grid_size].to(sub.y))
+        return ((sub.y - pred) / sub.noise.std(pred)).cpu()
 
     def __call__(
         self,
@@ -122,11 +113,14 @@ class MassMapMetrics:
     ) -> dict[str, float]:
         round_dir = Path(round_dir)
         out: dict[str, float] = {}
-        zeros = torch.zeros(len(population), *population.signal_shape, dtype=population.y.dtype)
-        chi2_0, resid_0 = self._chi2(population, zeros)
+        zeros = torch.zeros(len(population), 1, *population.signal_shape, dtype=population.y.dtype)
+        chi2_0 = Monitor.residual_chi2_per_observation(population, zeros, self.chunk)
         out["analytic_chi2_nu"] = float(chi2_0.mean())
-        _, resid_1 = self._chi2(population, samples[:, 0])
-        for name, r in (("residuals_analytic", resid_0), ("residuals_posterior", resid_1)):
+        for name, x in (
+            ("residuals_analytic", zeros[:, 0]),
+            ("residuals_posterior", samples[:, 0]),
+        ):
+            r = self._normalised_residuals(population, x)
             if r.dim() == 4:
                 save_sample_grid(r.float(), round_dir / f"{name}.png", (-5.0, 5.0))
         truth = population.truth
