@@ -233,6 +233,10 @@ class MassModel(ObservationCount, nn.Module):
             t = t.reshape(-1, *([1] * (like.dim() - 1)))
         return t
 
+    def _offsets(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(x - center_x, y - center_y), for models with a centre."""
+        return x - self._param("center_x", x), y - self._param("center_y", x)
+
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -348,7 +352,7 @@ class SIE(MassModel):
         q = (1 - e) / (1 + e)
         phi = 0.5 * torch.atan2(e2, e1)
         c, s = torch.cos(phi), torch.sin(phi)
-        dx, dy = x - self._param("center_x", x), y - self._param("center_y", x)
+        dx, dy = self._offsets(x, y)
         return torch.addcmul(c * dx, s, dy), torch.addcmul(c * dy, -s, dx), c, s, q
 
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -386,9 +390,6 @@ class _CentredProfile(MassModel):
         center_y: float | Tensor = 0.0,
     ):
         super().__init__(theta_E=theta_E, center_x=center_x, center_y=center_y)
-
-    def _offsets(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return x - self._param("center_x", x), y - self._param("center_y", x)
 
 
 class SIS(_CentredProfile):

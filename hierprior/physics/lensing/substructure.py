@@ -82,14 +82,14 @@ class PseudoJaffe(MassModel):
         return a, s, self._param("sigma0", like) * a * s / (s - a)
 
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        dx, dy = x - self._param("center_x", x), y - self._param("center_y", x)
+        dx, dy = self._offsets(x, y)
         a, s, norm = self._radii(x)
         r2 = dx * dx + dy * dy
         f = 2 * norm * (1 / (torch.sqrt(a * a + r2) + a) - 1 / (torch.sqrt(s * s + r2) + s))
         return f * dx, f * dy
 
     def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        dx, dy = x - self._param("center_x", x), y - self._param("center_y", x)
+        dx, dy = self._offsets(x, y)
         a, s, norm = self._radii(x)
         r2 = dx * dx + dy * dy
         return norm * (torch.rsqrt(a * a + r2) - torch.rsqrt(s * s + r2))
@@ -135,7 +135,7 @@ class Multipole(MassModel):
         return Multipole(self.m, **params)
 
     def _angles(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
-        dx, dy = x - self._param("center_x", x), y - self._param("center_y", x)
+        dx, dy = self._offsets(x, y)
         phi = torch.atan2(dy, dx)
         arg = self.m * (phi - self._param("phi_m", x))
         return dx, dy, phi, arg
