@@ -105,8 +105,15 @@ def _sample_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch_size", type=int, default=None, help="samples per sampler batch (memory)"
     )
-    parser.add_argument("--spacing", default="edm", help="time grid: edm or uniform")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
+    parser.add_argument(
+        "--spacing", default="edm", help="time grid: edm, uniform or logsnr (multistep solvers)"
+    )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=0.0,
+        help="stochasticity in [0, 1] (ddim, dpm2m, dpm3m, unipc)",
+    )
     return parser
 
 
@@ -120,7 +127,7 @@ def sample_main(argv: Sequence[str] | None = None) -> Path:
     import torch
 
     from hierprior.diffusion.checkpoint import load_prior
-    from hierprior.diffusion.sampling import SAMPLERS
+    from hierprior.diffusion.sampling import SAMPLERS, check_sampler
     from hierprior.diffusion.sampling import sample as draw
     from hierprior.io import atomic_save, save_sample_grid
 
@@ -134,8 +141,12 @@ def sample_main(argv: Sequence[str] | None = None) -> Path:
         parser.error(f"n must be >= 1, got {args.n}")
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"batch_size must be >= 1, got {args.batch_size}")
-    if args.spacing not in ("edm", "uniform"):
-        parser.error(f"spacing must be 'edm' or 'uniform', got {args.spacing!r}")
+    if args.spacing not in ("edm", "uniform", "logsnr"):
+        parser.error(f"spacing must be 'edm', 'uniform' or 'logsnr', got {args.spacing!r}")
+    try:  # a multistep solver's minimum steps, eta's range and owner
+        check_sampler(args.method, args.steps, args.eta)
+    except ValueError as err:
+        parser.error(str(err))
     out = Path(args.out)
     if out.suffix not in (".png", ".pt"):
         parser.error(f"out must end in .png or .pt, got {str(out)!r}")

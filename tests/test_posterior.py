@@ -381,7 +381,7 @@ def test_every_option_is_checked_at_construction(method, bad):
 @pytest.mark.parametrize(
     "method, options, error, match",
     [
-        ("mmps", {"eta": 0.5}, ValueError, r"eta is an option of sampler='ddim', not 'ddpm'"),
+        ("mmps", {"eta": 0.5}, ValueError, r"eta is not an option of sampler 'ddpm'"),
         ("dps", {"sampler": "heun", "eta": 0.1}, ValueError, "eta"),
         ("cla", {"sampler": "ddim", "eta": 1.5}, ValueError, "eta"),
         ("pigdm", {"sampler": "euler"}, ValueError, r"sampler 'euler'.*'ddpm'"),

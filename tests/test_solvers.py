@@ -289,7 +289,7 @@ def test_bad_input_fails_early_in_one_line(linear_problem):
         (dict(method="dpm3m", steps=3), r"'dpm3m': order 3 needs steps >= 4"),
         (dict(method="unipc", steps=3), r"'unipc': order 3 needs steps >= 4"),
         (dict(method="dpm2m", eta=1.5), "eta must be a number in"),
-        (dict(method="heun", eta=0.5), "eta is an option of sampler='ddim', not 'heun'"),
+        (dict(method="heun", eta=0.5), "eta is not an option of sampler 'heun'"),
         (dict(method="dpm3m", spacing="log"), "unknown time spacing 'log'"),
     ]
     for kw, match in cases:

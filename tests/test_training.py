@@ -419,6 +419,19 @@ def test_sample_cli_writes_png_and_tensor(tmp_path, capsys):
         [f"ckpt={ckpt}", "n=5", "steps=3", "method=ddim", f"out={tmp_path / 't.pt'}"]
     )
     assert torch.equal(x, torch.load(pt2, weights_only=True))
+    # a multistep solver on its log-SNR grid
+    pt3 = sample_main(
+        [
+            f"ckpt={ckpt}",
+            "n=3",
+            "steps=5",
+            "method=unipc",
+            "spacing=logsnr",
+            f"out={tmp_path / 'u.pt'}",
+        ]
+    )
+    u = torch.load(pt3, weights_only=True)
+    assert u.shape == (3, 1, 8, 8) and torch.isfinite(u).all()
 
 
 @pytest.mark.parametrize(
@@ -428,6 +441,9 @@ def test_sample_cli_writes_png_and_tensor(tmp_path, capsys):
         (["steps=0"], "steps must be >= 1"),
         (["n=0"], "n must be >= 1"),
         (["out=x.jpg"], "out must end in .png or .pt"),
+        (["spacing=cosine"], "spacing must be 'edm', 'uniform' or 'logsnr'"),
+        (["method=unipc", "steps=3"], "sampler 'unipc'"),
+        (["method=heun", "eta=0.5"], "eta is not an option of sampler 'heun'"),
     ],
 )
 def test_sample_cli_rejects_bad_arguments_before_loading(tmp_path, capsys, args, message):

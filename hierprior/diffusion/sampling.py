@@ -238,7 +238,7 @@ def check_sampler(method: object, steps: object, eta: object = 0.0) -> None:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     if method not in ETA_SAMPLERS and eta != 0.0:
         raise ValueError(
-            f"eta is an option of sampler='ddim', not {method!r} (samplers that take eta: "
+            f"eta is not an option of sampler {method!r} (samplers that take eta: "
             f"{', '.join(ETA_SAMPLERS)})"
         )
     if method in MULTISTEP_ORDERS:
