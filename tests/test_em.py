@@ -760,6 +760,14 @@ def test_exact_posteriors_are_calibrated_by_tarp(tmp_path, report, no_metrics_pl
     )
     for atc, ks in values:
         assert abs(atc) <= ATC_BOUND and 0 <= ks <= KS_BOUND
+    # MIRA of the same exact posteriors: within its null band (|z| <= 3) in every round
+    for row in result.metrics:
+        assert row["mira_expected"] == pytest.approx((2 * 16 + 1) / (3 * 17))
+        assert abs(row["mira_z"]) <= 3, row["mira_z"]
+    report(
+        "MIRA z of exact posteriors per round "
+        + ", ".join(f"{row['mira_z']:+.2f}" for row in result.metrics)
+    )
     for k in (0, 1):
         rdir = tmp_path / "run" / f"round_{k:03d}"
         curve = json.loads((rdir / "tarp.json").read_text())

@@ -89,6 +89,7 @@ def test_mnist_shift_tiny_runs_one_short_round(tmp_path):
         "residual_chi2_nu_mean",
         "posterior_mean_rmse",
         "tarp_atc",
+        "mira_z",
     )
     for key in measured:
         assert key in rows[1] and rows[1][key] != "", key

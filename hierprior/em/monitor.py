@@ -11,8 +11,11 @@ p_{\theta_k}(x \mid y_i)` (the E-step of round k), the monitor logs:
 - ``convergence_*``: PQMass(prior samples of :math:`\theta_k`, of :math:`\theta_{k-1}`).
 - with truth: ``truth_*`` = PQMass(prior samples, truths), ``posterior_mean_rmse`` and the
   E-step's calibration by TARP (``tarp_atc``, ``tarp_ks``; the ECP curve in ``tarp.json``)
-  on the first ``tarp_observations`` observations with ``tarp_samples`` posterior samples each
-  (the bank's when it holds enough, else drawn by the same E-step method).
+  and its accuracy by MIRA (``mira_score``, ``mira_expected`` (its value for a correct
+  posterior), ``mira_z`` = (score - expected)/std: below about -3 over-confident or biased,
+  above about +3 under-confident) on the first ``tarp_observations`` observations with
+  ``tarp_samples`` posterior samples each (the bank's when it holds enough, else drawn by the
+  same E-step method).
 - ``residual_chi2_nu_{mean,median,p90}``: the reduced chi2 of the bank's residuals per
   observation (averaged over its samples), over *observed* entries only (``forward.observed``).
 - any evaluators (callables mapping prior samples to scalars, e.g.
@@ -40,7 +43,7 @@ from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.em.bank import SampleBank
 from hierprior.em.population import Population
 from hierprior.io import atomic_write_text, device_of, is_image_shape, save_sample_grid
-from hierprior.metrics import pqmass, residual_chi2, tarp
+from hierprior.metrics import mira, pqmass, residual_chi2, tarp
 from hierprior.posterior.base import check_int
 from hierprior.seeds import derived_generator
 
@@ -241,7 +244,7 @@ class Monitor:
         seed: int,
         round_index: int,
     ) -> dict:
-        """TARP of posterior samples against the truth on the first observations."""
+        """TARP and MIRA of posterior samples against the truth on the first observations."""
         n = min(self.tarp_observations, len(population))
         if n < 2 or population.truth is None:
             return {}
@@ -259,7 +262,18 @@ class Monitor:
             round_dir / "tarp.json",
             json.dumps({"alpha": r.alpha.tolist(), "ecp": r.ecp.tolist()}),
         )
-        return {"tarp_atc": float(r.atc), "tarp_ks": float(r.ks_stat)}
+        m = mira(
+            post.float(),
+            population.truth[:n].float().cpu(),
+            generator=derived_generator(seed, round_index, "monitor", "mira"),
+        )
+        return {
+            "tarp_atc": float(r.atc),
+            "tarp_ks": float(r.ks_stat),
+            "mira_score": float(m.score),
+            "mira_expected": float(m.expected),
+            "mira_z": float(m.z),
+        }
 
     # ------------------------------------------------------------------------ a round
     def __call__(
