@@ -6,6 +6,10 @@ EDM denoiser :math:`D_\theta` and the :class:`~hierprior.training.PriorModule`, 
 denoising score matching for ``train.steps`` optimiser steps. The run directory is the whole
 state: when ``<run_dir>/checkpoints/last.ckpt`` exists, training resumes from it (model, EMA,
 optimiser, learning-rate schedule, data order, training noise generator, loss history).
+One process at a time holds the run directory (``<run_dir>/.lock``,
+:func:`hierprior.runs.hold_run_dir`); SIGUSR1 or SIGUSR2 ends training after the current
+optimiser step with ``checkpoints/last.ckpt`` written, and exits with status 75
+(:func:`hierprior.runs.stop_on_signal`), so a requeued job resumes there.
 
 Outputs in ``run_dir``: ``prior.ckpt`` (EMA prior, :func:`~hierprior.diffusion.load_prior`),
 ``config.yaml``, ``loss.csv``, ``loss.png``, ``samples.png`` (+ ``samples/step_*.png``) and
@@ -28,6 +32,7 @@ import yaml
 from omegaconf import DictConfig
 
 from hierprior.io import atomic_write_text
+from hierprior.runs import hold_run_dir, safe_points, stop_callback, stop_on_signal
 from hierprior.training.build import (
     build_callbacks,
     build_datamodule,
@@ -74,17 +79,17 @@ def fit_prior(cfg: DictConfig) -> TrainOutputs:
         raise ValueError("the config needs a run_dir")
     check_train_config(cfg)
     run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = write_config(cfg, run_dir / "config.yaml")
-
-    threads = cfg.train.get("num_threads")
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        return _fit(cfg, run_dir, config_path)
-    finally:
-        torch.set_num_threads(previous_threads)
+    # one live process per run directory; SIGUSR1/SIGUSR2 stop it after an optimiser step
+    with stop_on_signal(f"training in {run_dir}"), hold_run_dir(run_dir):
+        config_path = write_config(cfg, run_dir / "config.yaml")
+        threads = cfg.train.get("num_threads")
+        previous_threads = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        try:
+            return _fit(cfg, run_dir, config_path)
+        finally:
+            torch.set_num_threads(previous_threads)
 
 
 def _fit(cfg: DictConfig, run_dir: Path, config_path: Path) -> TrainOutputs:
@@ -94,7 +99,7 @@ def _fit(cfg: DictConfig, run_dir: Path, config_path: Path) -> TrainOutputs:
     module = build_module(cfg, denoiser)
     trainer = build_trainer(
         cfg,
-        build_callbacks(cfg, run_dir),
+        [*build_callbacks(cfg, run_dir), stop_callback()],
         build_loggers(cfg),
         run_dir,
         # without validation data, skip the validation loop altogether
@@ -119,7 +124,8 @@ def _fit(cfg: DictConfig, run_dir: Path, config_path: Path) -> TrainOutputs:
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         # a deprecation inside Lightning's own pytree helper, not actionable here
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with safe_points():  # a stop signal ends fit after a step, with last.ckpt written
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return TrainOutputs(
         run_dir=run_dir,
         prior=run_dir / "prior.ckpt",
