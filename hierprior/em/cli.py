@@ -1,20 +1,33 @@
 """``hierprior-em``: the EM loop from the composed ``conf/em.yaml`` config.
 
 :func:`run_from_config` checks every value first (``em``, the four pieces, the sampler, the
-population and the data path), in seconds and before any training; then it obtains the
-round-0 prior (``em.initial_prior``, else trained with the config's ``data``/``prior``/``train``
-sections into ``<run_dir>/initial_prior``, resumed or reused once finished) and runs
-:func:`~hierprior.em.run_em` in ``run_dir``. Rerunning the same command continues the run.
+population and the data path), in seconds and before any training; then it takes the run
+directory (``<run_dir>/.lock``: a second live job on it is refused in one line naming the
+holder) and obtains the round-0 prior: ``em.initial_prior``, else the run's own, else the one
+in the shared cache ``${paths.priors}/<key>/`` (:func:`initial_prior_key`: a hash of the
+resolved config that determines it), trained there once under a lock that concurrent jobs
+wait on, and linked as ``<run_dir>/initial_prior``; with ``paths.priors: null`` it is trained
+into ``<run_dir>/initial_prior``. Then it runs :func:`~hierprior.em.run_em` in ``run_dir``.
+SIGUSR1/SIGUSR2 stop the run with its directory consistent (:mod:`hierprior.runs`);
+rerunning the same command continues the run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 from hierprior.config import ConfigError, check_em_section, first_line, instantiate_checked
 
-__all__ = ["check_em_section", "check_sampler_section", "run_from_config"]
+__all__ = [
+    "PRIOR_KEY_IGNORED",
+    "check_em_section",
+    "check_sampler_section",
+    "initial_prior_key",
+    "run_from_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,27 +52,134 @@ def check_sampler_section(cfg) -> None:
         raise ConfigError(f"sampler: {first_line(err)}") from err
 
 
-def _initial_prior(cfg, run_dir: Path):
-    from omegaconf import OmegaConf, open_dict
+#: keys of the ``train`` and ``trainer`` sections that do not change the trained prior (left out
+#: of its cache key): threads, workers, logging, checkpoint and sample-grid intervals
+PRIOR_KEY_IGNORED = {
+    "train": ("num_workers", "num_threads", "loss_every", "sample_every", "ckpt_every"),
+    "trainer": (
+        "enable_progress_bar",
+        "enable_model_summary",
+        "enable_checkpointing",
+        "log_every_n_steps",
+        "default_root_dir",
+    ),
+}
+
+
+def initial_prior_key(cfg) -> tuple[str, dict]:
+    """The round-0 prior's cache key: (16 hex digits, the resolved config they hash).
+
+    What determines the trained prior: the resolved ``data``, ``prior``, ``schedule``,
+    ``train`` and ``trainer`` sections and ``seed``, without :data:`PRIOR_KEY_IGNORED`.
+    """
+    import hashlib
+    import json
+
+    from omegaconf import OmegaConf
+
+    key: dict = {"seed": cfg.get("seed")}
+    for section in ("data", "prior", "schedule", "train", "trainer"):
+        node = cfg.get(section)
+        value = OmegaConf.to_container(node, resolve=True) if node is not None else None
+        if isinstance(value, dict):
+            for name in PRIOR_KEY_IGNORED.get(section, ()):
+                value.pop(name, None)
+        key[section] = value
+    text = json.dumps(key, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], key
+
+
+def _load_or_quarantine(prior_dir: Path):
+    """The finished prior in prior_dir, or None after moving an unloadable entry aside (e.g.
+    one written by an older version of the code) so that it is trained again."""
+    import time
 
     from hierprior.diffusion import load_prior
+
+    try:
+        return load_prior(prior_dir / "prior.ckpt")
+    except (ValueError, FileNotFoundError) as err:
+        target = prior_dir.with_name(f"{prior_dir.name}.quarantined-{time.time_ns()}")
+        log.warning("cached prior %s unreadable (%s): moved to %s", prior_dir, err, target)
+        try:
+            os.replace(prior_dir, target)
+        except FileNotFoundError:  # another job moved it already
+            pass
+        return None
+
+
+def _train_prior(cfg, prior_dir: Path, name: str) -> None:
+    """Trains (or resumes) the round-0 prior in prior_dir and marks it DONE."""
+    from omegaconf import OmegaConf, open_dict
+
+    from hierprior.io import atomic_write_text
+    from hierprior.training import fit_prior
+
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(sub):  # the logger's folder and name follow run_dir and name
+        sub.run_dir = str(prior_dir)
+        sub.name = name
+        sub.pop("hydra", None)
+    sub = OmegaConf.create(OmegaConf.to_container(sub, resolve=True))
+    out = fit_prior(sub)
+    atomic_write_text(prior_dir / "DONE", str(out.prior))
+
+
+def _link(run_dir: Path, prior_dir: Path) -> None:
+    """``<run_dir>/initial_prior``: a relative symlink to the cached prior (or a text file
+    ``initial_prior.path`` with its path where symlinks are not possible)."""
+    from hierprior.io import atomic_write_text
+
+    link = run_dir / "initial_prior"
+    target = os.path.relpath(prior_dir.resolve(), run_dir.resolve())
+    if link.is_symlink() and os.readlink(link) == target:
+        return
+    try:
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(target, target_is_directory=True)
+    except OSError:
+        atomic_write_text(run_dir / "initial_prior.path", f"{prior_dir.resolve()}\n")
+
+
+def _initial_prior(cfg, run_dir: Path):
+    """The round-0 prior: ``em.initial_prior``; the run's own (a rerun); the shared cache
+    ``${paths.priors}/<key>/`` (trained there once, under a lock other jobs wait on); or,
+    with ``paths.priors: null``, trained into ``<run_dir>/initial_prior``."""
+    from hierprior.diffusion import load_prior
+    from hierprior.io import atomic_write_text
+    from hierprior.runs import hold_run_dir
 
     if cfg.em.initial_prior:
         try:
             return load_prior(cfg.em.initial_prior)
         except ValueError as err:
             raise ConfigError(f"em.initial_prior: {err}") from err
-    prior_dir = run_dir / "initial_prior"
-    if not (prior_dir / "DONE").exists():
-        from hierprior.training import fit_prior
-
-        sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-        with open_dict(sub):
-            sub.run_dir = str(prior_dir)
-            sub.name = f"{cfg.name}_initial_prior"
-        out = fit_prior(sub)
-        (prior_dir / "DONE").write_text(str(out.prior))
-    return load_prior(prior_dir / "prior.ckpt")
+    own = run_dir / "initial_prior"
+    if (own / "DONE").exists():  # trained in (or linked from) this run directory
+        return load_prior(own / "prior.ckpt")
+    if (run_dir / "round_000" / "prior.ckpt").exists():  # the run's copy (cache entry gone)
+        return load_prior(run_dir / "round_000" / "prior.ckpt")
+    cache = (cfg.get("paths") or {}).get("priors")
+    if not cache:  # no shared cache: train inside the run directory
+        if own.is_symlink():
+            own.unlink()
+        _train_prior(cfg, own, f"{cfg.name}_initial_prior")
+        return load_prior(own / "prior.ckpt")
+    digest, key = initial_prior_key(cfg)
+    prior_dir = Path(str(cache)) / digest
+    for _ in range(2):  # a second pass after quarantining an unreadable entry
+        if not (prior_dir / "DONE").exists():
+            with hold_run_dir(prior_dir, wait=True, what="the round-0 prior"):
+                if not (prior_dir / "DONE").exists():  # not trained by a job we waited for
+                    atomic_write_text(prior_dir / "key.json", json.dumps(key, indent=1))
+                    log.info("training the round-0 prior %s into %s", digest, prior_dir)
+                    _train_prior(cfg, prior_dir, f"initial_prior_{digest}")
+        prior = _load_or_quarantine(prior_dir)
+        if prior is not None:
+            _link(run_dir, prior_dir)
+            return prior
+    raise RuntimeError(f"the round-0 prior in {prior_dir} could not be trained and loaded")
 
 
 def _logger(cfg) -> tuple[str | None, dict]:
@@ -81,9 +201,8 @@ def run_from_config(cfg):
     for a bad value, an unknown option, a missing data root or initial prior.
     """
     import torch
-    from omegaconf import OmegaConf
 
-    from hierprior.em import run_em
+    from hierprior.runs import hold_run_dir, stop_on_signal
     from hierprior.training import build_denoiser, check_train_config
 
     check_em_section(cfg)
@@ -110,7 +229,18 @@ def run_from_config(cfg):
     if threads:  # torch CPU threads for the whole run (1 is steadiest on a shared 2-core box)
         torch.set_num_threads(int(threads))
     run_dir = Path(str(cfg.run_dir))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # one live job per run directory; SIGUSR1/SIGUSR2 stop the run with its directory
+    # consistent (status 75, or submitit's requeue), and rerunning the command resumes it
+    with stop_on_signal(f"the EM run in {run_dir}"), hold_run_dir(run_dir):
+        return _run(cfg, run_dir, population, estep, mstep, monitor, stop)
+
+
+def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
+    import torch
+    from omegaconf import OmegaConf
+
+    from hierprior.em import run_em
+
     prior = _initial_prior(cfg, run_dir)
     try:
         estep.check(prior, population)
