@@ -4,6 +4,7 @@ See :mod:`hierprior.physics.forward` for the shape conventions shared by every m
 """
 
 from hierprior.physics.forward import Compose, ForwardModel, Identity, observation_index
+from hierprior.physics.learned_noise import LearnedNoise, likelihood_score, noise_score
 from hierprior.physics.lensing import (
     SIE,
     SIS,
@@ -36,5 +37,8 @@ __all__ = [
     "PixelatedConvergence",
     "NoiseModel",
     "GaussianNoise",
+    "LearnedNoise",
+    "noise_score",
+    "likelihood_score",
     "observation_index",
 ]

@@ -29,6 +29,13 @@ class registers itself in :data:`POSTERIOR_METHODS` with :func:`register_method`
 Tensors inside the methods have shape (N, S, *event) (signals) or (N, S, *obs) (observation
 space); times have shape (N, S).
 
+Non-Gaussian noise: a :class:`~hierprior.physics.LearnedNoise` (SLIC, a learned noise score
+:math:`s(n) = \nabla \log Q(n)`) replaces :math:`\Sigma_y^{-1} (y - A x)` by
+:math:`-s(y - A x)` (:meth:`Observation.likelihood_cotangent`). The methods whose maths only
+needs a likelihood score or value accept it (dps, daps with ``likelihood_step="langevin"``,
+tds with ``twist="dps"``); the others assume a Gaussian likelihood and refuse it in
+:meth:`PosteriorMethod.check_noise`.
+
 References:
     Efron (2011), Tweedie's formula and selection bias.
     Rozet et al. (2024), Learning Diffusion Priors from Observations by Expectation
@@ -46,7 +53,7 @@ from torch import Tensor
 from hierprior.diffusion.denoiser import Denoiser, expand_time
 from hierprior.diffusion.sampling import ETA_SAMPLERS, SAMPLERS, check_sampler
 from hierprior.io import device_dtype
-from hierprior.physics import ForwardModel, GaussianNoise
+from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
 
 __all__ = [
     "PosteriorSamplingError",
@@ -133,25 +140,26 @@ def check_model(prior: Denoiser, forward: ForwardModel) -> None:
         )
 
 
-def check_problem(prior: Denoiser, forward: ForwardModel, noise: GaussianNoise, y: Tensor):
+def check_problem(prior: Denoiser, forward: ForwardModel, noise: NoiseModel, y: Tensor):
     """Validates a posterior problem before any sampling; returns y in the prior's dtype.
 
     Raises a TypeError or ValueError naming the problem: wrong types, forward.input_shape
     versus prior.event_shape, y's shape versus the forward model's output shape, observation
-    counts that disagree, NaN/Inf in y, non-finite or non-positive noise levels.
+    counts that disagree, NaN/Inf in y, non-finite or non-positive noise levels, a
+    :class:`~hierprior.physics.LearnedNoise` whose obs_shape is not the forward model's output.
     """
     check_model(prior, forward)
     return check_observations(prior, forward, noise, y)
 
 
 def check_observations(
-    prior: Denoiser, forward: ForwardModel, noise: GaussianNoise, y: Tensor
+    prior: Denoiser, forward: ForwardModel, noise: NoiseModel, y: Tensor
 ) -> Tensor:
     """The part of :func:`check_problem` after :func:`check_model` (noise and y)."""
-    if not isinstance(noise, GaussianNoise):
+    if not isinstance(noise, (GaussianNoise, LearnedNoise)):
         raise TypeError(
-            f"noise must be a hierprior GaussianNoise, got {type(noise).__name__} "
-            "(the samplers use Gaussian likelihoods)"
+            f"noise must be a hierprior GaussianNoise (or a LearnedNoise with dps, daps and "
+            f"tds), got {type(noise).__name__}"
         )
     if not isinstance(y, Tensor):
         raise TypeError(f"y must be a tensor, got {type(y).__name__}")
@@ -173,6 +181,14 @@ def check_observations(
     bad = ~torch.isfinite(y.flatten(1)).all(1)
     if bool(bad.any()):
         raise ValueError(f"y holds NaN or Inf in observations {bad.nonzero().flatten().tolist()}")
+    if isinstance(noise, LearnedNoise):
+        if noise.obs_shape != out:
+            raise ValueError(
+                f"the LearnedNoise has obs_shape {noise.obs_shape} but forward.output_shape is "
+                f"{out}"
+            )
+        _, dtype = device_dtype(prior)
+        return y.to(dtype)
     std = noise.std(y)
     bad = ~(torch.isfinite(std) & (std > 0)).flatten(1).all(1)
     if bool(bad.any()):
@@ -202,18 +218,23 @@ class Observation:
 
     Arguments:
         forward: the forward model (per-observation with num_obs = N, or shared).
-        noise: the Gaussian noise model (per-observation or shared).
+        noise: the Gaussian noise model (per-observation or shared), or a
+            :class:`~hierprior.physics.LearnedNoise`: then the likelihood is
+            :math:`Q(y_i - A_i(x))` and only :meth:`likelihood_cotangent`,
+            :meth:`log_likelihood` and :meth:`curvature` apply (``gaussian`` is False).
         y: the observations, with shape (N, *obs_shape).
 
     Methods take signals with shape (N, S, *event) and observation-space tensors with shape
     (N, S, *obs); ``y`` broadcasts over S.
     """
 
-    def __init__(self, forward: ForwardModel, noise: GaussianNoise, y: Tensor):
+    def __init__(self, forward: ForwardModel, noise: NoiseModel, y: Tensor):
         self.forward = forward
         self.noise = noise
         self.y = y
         self.linear = bool(forward.linear)
+        #: whether the noise is Gaussian (GaussianNoise), so that cov / inv_cov exist
+        self.gaussian = isinstance(noise, GaussianNoise)
 
     @property
     def num_obs(self) -> int:
@@ -234,6 +255,37 @@ class Observation:
     def inv_cov(self, u: Tensor) -> Tensor:
         r""":math:`\Sigma_y^{-1} u` for u with shape (N, S, *obs)."""
         return self.noise.inv_cov_action(u)
+
+    def likelihood_cotangent(self, residual: Tensor) -> Tensor:
+        r"""u with :math:`\nabla_x \log p(y \mid x) = J_A(x)^\top u`, for r = y - A(x).
+
+        Gaussian noise: :math:`\Sigma_y^{-1} r`; a learned noise model: :math:`-s(r)`, minus
+        its score. r and u have shape (N, S, *obs).
+        """
+        if self.gaussian:
+            return self.noise.inv_cov_action(residual)
+        return -self.noise.score(residual)
+
+    def log_likelihood(self, residual: Tensor) -> Tensor:
+        r""":math:`\log p(y \mid x)` up to a constant per observation, with shape (N, S).
+
+        Gaussian noise: :math:`-\tfrac12 r^\top \Sigma_y^{-1} r`; a learned noise model: its
+        :meth:`~hierprior.physics.LearnedNoise.log_prob` (a line integral of the score).
+        """
+        if self.gaussian:
+            return -0.5 * (residual * self.noise.inv_cov_action(residual)).flatten(2).sum(-1)
+        return self.noise.log_prob(residual, torch.zeros_like(residual))
+
+    def curvature(self) -> Tensor:
+        r"""A bound on the curvature of :math:`-\log p(y \mid \cdot)` in observation space, (N,).
+
+        Gaussian noise: :math:`1 / \min_j \sigma_{y,j}^2`; a learned noise model: its
+        :meth:`~hierprior.physics.LearnedNoise.curvature_bound`.
+        """
+        if self.gaussian:
+            return 1.0 / self.noise.std(self.y).flatten(1).amin(1) ** 2
+        bound = self.noise.curvature_bound().to(device=self.y.device, dtype=self.y.dtype)
+        return bound.expand(self.num_obs)
 
     def linearize(self, x: Tensor):
         r"""The maps :math:`v \mapsto J v` and :math:`u \mapsto J^\top u` of A at x.
@@ -416,11 +468,24 @@ class PosteriorMethod:
         """
         check_model(prior, forward)
 
+    def check_noise(self, noise: NoiseModel, opts: dict) -> None:
+        """Raises a TypeError / ValueError if this method cannot use this noise model.
+
+        ``opts`` is :meth:`resolve`. The base accepts only GaussianNoise: its likelihood
+        approximation is Gaussian. Methods that only need a likelihood score (dps) or value
+        override it to accept a :class:`~hierprior.physics.LearnedNoise`.
+        """
+        if not isinstance(noise, GaussianNoise):
+            raise TypeError(
+                f"{self.name} assumes Gaussian noise and cannot use a {type(noise).__name__}; "
+                "use dps, daps (likelihood_step='langevin') or tds (twist='dps')"
+            )
+
     def sample(
         self,
         prior: Denoiser,
         forward: ForwardModel,
-        noise: GaussianNoise,
+        noise: NoiseModel,
         y: Tensor,
         num_samples: int = 1,
         generator: torch.Generator | None = None,
@@ -435,7 +500,9 @@ class PosteriorMethod:
             prior: the diffusion prior (any :class:`~hierprior.diffusion.denoiser.Denoiser`).
             forward: the forward model; ``forward.input_shape == prior.event_shape``,
                 per-observation (num_obs = N) or shared.
-            noise: the Gaussian noise model (per-observation or shared).
+            noise: the Gaussian noise model (per-observation or shared), or a
+                :class:`~hierprior.physics.LearnedNoise` (dps, daps with Langevin, tds with
+                the dps twist; see :meth:`check_noise`).
             y: the observations, with shape (N, *forward.output_shape).
             num_samples: S, samples per observation (>= 1).
             generator: the source of all randomness (on the prior's device); the global RNG
@@ -458,6 +525,7 @@ class PosteriorMethod:
         self.check(prior, forward)
         y = check_observations(prior, forward, noise, y)
         opts = self.resolve(forward, num_samples)
+        self.check_noise(noise, opts)
         device, dtype = device_dtype(prior)
         if generator is not None and torch.device(generator.device).type != device.type:
             raise ValueError(f"generator is on {generator.device} but the prior is on {device}")

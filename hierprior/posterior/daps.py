@@ -21,7 +21,11 @@ decouples the prior and the likelihood:
    :math:`r^2 I - r^4 A^\top C^{-1} A`, the Gaussian posterior (solve by guarded CG). For any
    differentiable A, ``likelihood_step="langevin"`` runs unadjusted Langevin dynamics from
    :math:`z_1` with per-observation step
-   :math:`\eta = \mathrm{lr} / (r^{-2} + \min_j \sigma_{y,j}^{-2})`;
+   :math:`\eta = \mathrm{lr} / (r^{-2} + \min_j \sigma_{y,j}^{-2})`. The Langevin step also
+   takes a non-Gaussian :class:`~hierprior.physics.LearnedNoise` (SLIC): the likelihood
+   gradient is then :math:`-J^\top s(y - A x)` with the learned noise score s, and
+   :math:`\sigma_{y}^{-2}` becomes its curvature bound :math:`1/(\mathrm{scale}\, s_{t})^2`
+   (safe but small steps: raise ``lr`` or ``langevin_steps``);
 3. **re-noise** — :math:`x_{t_{i+1}} = \alpha_{t_{i+1}} x_0^{(y)} + \sigma_{t_{i+1}}
    \varepsilon`. The last :math:`x_0^{(y)}` is the sample.
 
@@ -42,7 +46,7 @@ from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.diffusion.sampling import ddim_sampler
-from hierprior.physics import ForwardModel
+from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
 from hierprior.posterior.base import (
     Observation,
     PosteriorMethod,
@@ -96,12 +100,12 @@ def _langevin_step(
     generator: torch.Generator | None,
 ) -> Tensor:
     obs = observation
-    sigma2_min = obs.noise.std(obs.y).flatten(1).amin(1) ** 2  # (N,): per observation
-    eta = _bcast(lr / (1.0 / r2 + 1.0 / sigma2_min), x0)
+    curvature = obs.curvature()  # (N,): 1 / min sigma^2 per observation (Gaussian noise)
+    eta = _bcast(lr / (1.0 / r2 + curvature), x0)
     x = x0 + r2**0.5 * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     for _ in range(steps):
         y_hat = obs.predict(x)
-        _, grad_lik = obs.forward.vjp(x, obs.inv_cov(obs.expand_y(y_hat) - y_hat))
+        _, grad_lik = obs.forward.vjp(x, obs.likelihood_cotangent(obs.expand_y(y_hat) - y_hat))
         grad = (x0 - x) / r2 + grad_lik
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = x + eta * grad + (2 * eta) ** 0.5 * noise
@@ -179,8 +183,9 @@ class DAPS(PosteriorMethod):
         steps: annealing steps (>= 1).
         ode_steps: DDIM steps of the probability-flow ODE in each prior step (1: the Tweedie
             mean, the default; see the module docstring).
-        likelihood_step: ``"exact"`` (linear A only), ``"langevin"``, or None: "exact" for a
-            linear forward model, else "langevin" (resolved when sampling).
+        likelihood_step: ``"exact"`` (linear A and Gaussian noise only), ``"langevin"`` (any
+            differentiable A; Gaussian or learned noise), or None: "exact" for a linear
+            forward model, else "langevin" (resolved when sampling).
         langevin_steps: Langevin iterations per likelihood step.
         lr: Langevin step size relative to the stiffest curvature (> 0).
         iterations: CG iterations of the exact likelihood step; None: min(M, 32).
@@ -216,6 +221,17 @@ class DAPS(PosteriorMethod):
         if self.likelihood_step == "exact" and not forward.linear:
             raise ValueError(
                 "likelihood_step='exact' needs a linear forward model; use 'langevin'"
+            )
+
+    def check_noise(self, noise: NoiseModel, opts: dict) -> None:
+        if isinstance(noise, GaussianNoise):
+            return
+        if not isinstance(noise, LearnedNoise):
+            raise TypeError(f"daps needs a GaussianNoise or a LearnedNoise, got {type(noise)}")
+        if opts["likelihood_step"] != "langevin":
+            raise ValueError(
+                "daps with a LearnedNoise needs likelihood_step='langevin' (the exact step "
+                "assumes Gaussian noise)"
             )
 
     def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:

@@ -19,6 +19,13 @@ Here :math:`\zeta` scales a likelihood *score* (units 1/length), not a sampler s
 the Gaussian score :math:`J^\top \Sigma_y^{-1} r` at :math:`\|r\| \approx \sigma_y \sqrt{M}`
 suggests :math:`\zeta \approx \sqrt{M} / \sigma_y`. DPS is biased for every :math:`\zeta`.
 
+With a non-Gaussian :class:`~hierprior.physics.LearnedNoise` (SLIC), the unit residual
+:math:`r / \|r\|` becomes the unit likelihood cotangent :math:`-s(r) / \|s(r)\|`, with
+:math:`s = \nabla \log Q` the learned noise score: the direction of
+:math:`\nabla_{\hat x} \log Q(y - A(\hat x))`. For white Gaussian noise
+:math:`-s(r) = r / \sigma_y^2` and the two agree, so :math:`\zeta` keeps its meaning
+(:math:`\zeta \approx \|s(r)\|` at a typical residual matches the likelihood score).
+
 :class:`DPS` is the posterior method; :class:`DPSDenoiser` is its denoiser.
 
 References:
@@ -32,6 +39,7 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
+from hierprior.physics import GaussianNoise, LearnedNoise, NoiseModel
 from hierprior.posterior.base import (
     DenoiserMethod,
     Observation,
@@ -64,6 +72,8 @@ class DPSDenoiser(PosteriorDenoiser):
         leaf, d = self.denoise(x, t, graph=True)
         y_hat = obs.predict(d)
         residual = (obs.expand_y(y_hat) - y_hat).detach()
+        if not obs.gaussian:  # learned noise: the direction of the likelihood score
+            residual = obs.likelihood_cotangent(residual)
         norm = residual.flatten(2).norm(dim=-1)  # (N, S): one norm per row
         tiny = torch.finfo(norm.dtype).tiny
         unit = residual / norm.clamp_min(tiny).reshape(norm.shape + (1,) * (residual.ndim - 2))
@@ -75,6 +85,9 @@ class DPSDenoiser(PosteriorDenoiser):
 @register_method
 class DPS(DenoiserMethod):
     """Diffusion posterior sampling, run by an unconditional sampler.
+
+    Takes Gaussian noise or a :class:`~hierprior.physics.LearnedNoise` (see the module
+    docstring).
 
     Arguments:
         steps: time steps of the sampler (>= 1).
@@ -101,3 +114,7 @@ class DPS(DenoiserMethod):
     ):
         super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)
         self.zeta = check_float(zeta, "zeta", 0.0)
+
+    def check_noise(self, noise: NoiseModel, opts: dict) -> None:
+        if not isinstance(noise, (GaussianNoise, LearnedNoise)):
+            raise TypeError(f"dps needs a GaussianNoise or a LearnedNoise, got {type(noise)}")

@@ -21,6 +21,12 @@ P particles per observation and *twisting functions* :math:`\tilde p_t(y \mid x_
 - systematic resampling, per observation, whenever the effective sample size
   :math:`(\sum w)^2 / \sum w^2` falls below ``ess_threshold`` · P.
 
+With a non-Gaussian :class:`~hierprior.physics.LearnedNoise` (SLIC) only ``twist="dps"``
+applies: the twist is :math:`Q(y - A(\hat x))`, its gradient :math:`-J^\top s(y - A(\hat x))`
+(through the denoiser) and its value the line integral of the learned score
+(:meth:`~hierprior.physics.LearnedNoise.log_prob`; its unknown constant cancels in the
+weights). The target is then the prior chain times the smoothed likelihood :math:`Q_s`.
+
 For any twist, the weighted particles are consistent (P → ∞) for the posterior of the
 discretised prior chain; the twist only sets the efficiency. All weights, ESS tests and
 resampling are per observation (and per independent run).
@@ -49,7 +55,7 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.physics import ForwardModel
+from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
 from hierprior.posterior.base import (
     Observation,
     PosteriorMethod,
@@ -153,6 +159,13 @@ def tds_sample(
 
     def twist_terms(x: Tensor, t: Tensor, last: bool) -> tuple[Tensor, Tensor, Tensor]:
         tt = t.to(x.dtype).expand(n, groups * particles)
+        if not observation.gaussian:  # a learned noise model: the dps twist Q(y - A(x_hat))
+            with torch.enable_grad():
+                leaf, d = helper.denoise(x, tt, graph=True)
+                y_hat = observation.predict(d)
+                residual = (observation.expand_y(y_hat) - y_hat).detach()
+                score = helper.vjp(leaf, y_hat, observation.likelihood_cotangent(residual))
+            return d.detach(), score, observation.log_likelihood(residual)
         r2 = None if (last or twist == "dps") else helper.r2(tt, y_like)
         with torch.enable_grad():
             d, score, quad = helper.guidance(x, tt, r2)
@@ -219,8 +232,9 @@ class TDS(PosteriorMethod):
         particles: P, particles per SMC run; None: S (resolved when sampling). With P < S,
             S must be a multiple of P (S / P independent runs; checked when sampling).
         ess_threshold: resample a run when ESS < ess_threshold · P (0: never, 1: always).
-        twist: ``"pigdm"`` (linear A only), ``"dps"``, or None: "pigdm" for a linear forward
-            model, else "dps" (resolved when sampling).
+        twist: ``"pigdm"`` (linear A and Gaussian noise only), ``"dps"`` (any differentiable
+            A; Gaussian or learned noise), or None: "pigdm" for a linear forward model, else
+            "dps" (resolved when sampling).
         iterations: CG iterations of the ΠGDM twist; None: min(M, 32).
         data_variance: v of the ΠGDM twist (> 0).
         spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
@@ -254,6 +268,17 @@ class TDS(PosteriorMethod):
         super().check(prior, forward)
         if self.twist == "pigdm" and not forward.linear:
             raise ValueError("twist='pigdm' needs a linear forward model; use twist='dps'")
+
+    def check_noise(self, noise: NoiseModel, opts: dict) -> None:
+        if isinstance(noise, GaussianNoise):
+            return
+        if not isinstance(noise, LearnedNoise):
+            raise TypeError(f"tds needs a GaussianNoise or a LearnedNoise, got {type(noise)}")
+        if opts["twist"] != "dps":
+            raise ValueError(
+                "tds with a LearnedNoise needs twist='dps' (the pigdm twist assumes Gaussian "
+                "noise)"
+            )
 
     def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:
         p = num_samples if self.particles is None else self.particles
