@@ -16,6 +16,7 @@ shards are named by observation indices, never by rank.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
@@ -193,7 +194,14 @@ class EStep:
             shuffle=False,
             generator=torch.Generator().manual_seed(loader_seed),
         )
+        start = time.perf_counter()
         runner.predict(module, dataloaders=loader, return_predictions=False)
+        log.info(
+            "E-step round %d (%s) done in %.1f s",
+            round_index,
+            purpose,
+            time.perf_counter() - start,
+        )
         bank.refresh()
         if not bank.is_complete():
             missing = bank.missing().tolist()
