@@ -245,7 +245,7 @@ def test_hydra_settings_resume_and_do_not_collide(root):
     assert cfg.hydra.job.chdir is False
     assert cfg.hydra.job.name == root
     sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
-    assert sweep["subdir"] == "${hydra.job.num}"  # one folder per multirun job
+    assert sweep["subdir"] == "${hydra.job.override_dirname}"  # one folder per job, by overrides
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,9 @@ def compose_em(overrides):
 
 
 def short_config(tmp_path, *extra):
-    cfg = compose_em([*SHORT, f"run_dir={tmp_path / 'run'}", *extra])
+    cfg = compose_em(
+        [*SHORT, f"run_dir={tmp_path / 'run'}", f"paths.priors={tmp_path / 'priors'}", *extra]
+    )
     with open_dict(cfg):
         (share,) = cfg.em.monitor.evaluators  # DigitShare of digits 5-9
         share.epochs = 1  # a one-epoch classifier, cached in the test's folder

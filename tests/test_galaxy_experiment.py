@@ -61,7 +61,14 @@ def compose_em(overrides):
 
 @pytest.mark.parametrize("experiment", ["galaxy_shift_tiny", "galaxy_shift"])
 def test_galaxy_experiment_runs_one_shrunk_round(experiment, tmp_path):
-    cfg = compose_em([f"experiment={experiment}", f"run_dir={tmp_path / 'run'}", *SHRINK])
+    cfg = compose_em(
+        [
+            f"experiment={experiment}",
+            f"run_dir={tmp_path / 'run'}",
+            f"paths.priors={tmp_path / 'p'}",
+        ]
+        + SHRINK
+    )
     with open_dict(cfg):
         (share,) = cfg.em.monitor.evaluators
         share.epochs = 1

@@ -33,7 +33,13 @@ def test_mass_map_experiment_runs_one_shrunk_round(experiment, tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
             "em",
-            overrides=[f"experiment={experiment}", f"run_dir={tmp_path / 'run'}", *SHRINK, *extra],
+            overrides=[
+                f"experiment={experiment}",
+                f"run_dir={tmp_path / 'run'}",
+                f"paths.priors={tmp_path / 'priors'}",
+                *SHRINK,
+                *extra,
+            ],
         )
     result = run_from_config(cfg)
     assert len(result.metrics) == 2
