@@ -121,8 +121,13 @@ class SampleBank:
         self._done[indices] = True
         return path
 
-    def load(self) -> Tensor:
+    def load(self, device: torch.device | str | None = None) -> Tensor:
         """All samples in observation order, with shape (N, S, *event_shape).
+
+        Arguments:
+            device: where the returned tensor lives (default: the CPU). Shards are always
+                read on the CPU; the assembled tensor is allocated on ``device`` (e.g. the
+                population's device, ``population.y.device``).
 
         Raises a RuntimeError naming the missing observations if the bank is incomplete.
         """
@@ -137,9 +142,12 @@ class SampleBank:
             shard = torch.load(file, map_location="cpu", weights_only=True)
             if out is None:
                 out = torch.empty(
-                    (self.num_obs, *shard["samples"].shape[1:]), dtype=shard["samples"].dtype
+                    (self.num_obs, *shard["samples"].shape[1:]),
+                    dtype=shard["samples"].dtype,
+                    device=device,
                 )
-            out[shard["indices"]] = shard["samples"]
+            index = shard["indices"].to(out.device)
+            out[index] = shard["samples"].to(out.device)
         return out
 
     def __repr__(self) -> str:

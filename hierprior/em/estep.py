@@ -11,13 +11,23 @@ batch): a resumed round equals an uninterrupted one.
 
 Several devices work: Lightning's distributed sampler gives each rank its own batches, and
 shards are named by observation indices, never by rank.
+
+Devices and precision: each batch of the population is moved to the device Lightning runs
+the prior on, and its samples are written to the bank on the CPU (``SampleBank.load(device)``
+puts them where the caller asks). ``precision`` is ``"32-true"`` (the default: everything in
+fp32), ``"tf32"`` (fp32 with TF32 matmuls and convolutions on CUDA) or ``"bf16-mixed"`` (TF32,
+and the prior's network under ``torch.autocast(bfloat16)`` on CUDA: :class:`NetworkAutocast`
+wraps only the network call, whose output is cast back to fp32, so the posterior method's
+arithmetic, the forward model and the CG/GMRES solves stay in fp32/fp64). On the CPU every
+precision runs in plain fp32, unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -25,18 +35,106 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from hierprior.diffusion.denoiser import Denoiser
 from hierprior.em.bank import SampleBank
 from hierprior.em.population import Population
 from hierprior.posterior import PosteriorMethod, posterior_method
 from hierprior.posterior.base import check_int
 from hierprior.seeds import derive_seed
 
-__all__ = ["EStep", "BankWriter", "PosteriorSamplingModule", "estep_batches"]
+__all__ = [
+    "EStep",
+    "BankWriter",
+    "PosteriorSamplingModule",
+    "NetworkAutocast",
+    "PRECISIONS",
+    "check_precision",
+    "inference_prior",
+    "precision_scope",
+    "estep_batches",
+]
 
 log = logging.getLogger(__name__)
 
-#: Lightning Trainer arguments an E-step takes (precision stays fp32: the solves need it)
+#: Lightning Trainer arguments an E-step takes (Lightning's own precision stays fp32: the
+#: solves need it; the E-step's ``precision`` autocasts the network only)
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes")
+
+#: precisions of the E-step and the monitor's samplers (aliases map to the first three)
+PRECISIONS = ("32-true", "tf32", "bf16-mixed")
+_PRECISION_ALIASES = {"32": "32-true", 32: "32-true", "bf16": "bf16-mixed"}
+
+
+def check_precision(value: object, owner: str) -> str:
+    """The canonical precision name (:data:`PRECISIONS`), or a one-line ValueError."""
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = _PRECISION_ALIASES.get(value, value)
+    if value not in PRECISIONS:
+        raise ValueError(f"{owner} precision must be one of {list(PRECISIONS)}, got {value!r}")
+    return str(value)
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str, device: torch.device | str) -> Iterator[None]:
+    """TF32 matmuls and cuDNN convolutions while inside, on CUDA with ``tf32``/``bf16-mixed``.
+
+    The previous flags are restored on exit; on the CPU, or with ``32-true``, nothing changes.
+    """
+    if torch.device(device).type != "cuda" or precision == "32-true":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class NetworkAutocast(Denoiser):
+    """A prior whose network runs under ``torch.autocast``; its output is cast back.
+
+    Only the call of the wrapped denoiser is autocast (its network forward and, through the
+    recorded graph, the VJPs of MMPS); everything around it (sampler updates, forward model,
+    CG/GMRES) sees fp32 tensors. Autocast is active only for inputs on ``device_types``
+    (CUDA by default), so on the CPU the wrapper is the identity.
+
+    Arguments:
+        prior: the denoiser to wrap (its ``schedule`` and ``event_shape`` are shared).
+        dtype: the autocast dtype (bfloat16).
+        device_types: the device types on which autocast is enabled.
+    """
+
+    def __init__(
+        self,
+        prior: Denoiser,
+        dtype: torch.dtype = torch.bfloat16,
+        device_types: tuple[str, ...] = ("cuda",),
+    ):
+        super().__init__()
+        self.inner = prior
+        self.schedule = prior.schedule
+        self.event_shape = tuple(prior.event_shape)
+        self.dtype = dtype
+        self.device_types = tuple(device_types)
+
+    def forward(self, x_t: Tensor, t: Tensor | float) -> Tensor:
+        kind = x_t.device.type
+        if kind not in self.device_types:
+            return self.inner(x_t, t)
+        with torch.autocast(device_type=kind, dtype=self.dtype):
+            out = self.inner(x_t, t)
+        return out.to(x_t.dtype)
+
+
+def inference_prior(prior, precision: str):
+    """The prior to sample with at this precision: wrapped in :class:`NetworkAutocast` for
+    ``bf16-mixed`` when it is a network (analytic priors, e.g. Gaussian, are returned as is)."""
+    analytic = type(prior).tweedie_cov is not Denoiser.tweedie_cov
+    if precision != "bf16-mixed" or analytic or not isinstance(prior, Denoiser):
+        return prior
+    return NetworkAutocast(prior)
 
 
 def check_trainer(trainer: Mapping | None, allowed: tuple[str, ...], owner: str) -> dict:
@@ -73,9 +171,11 @@ class PosteriorSamplingModule(pl.LightningModule):
         seed: int,
         round_index: int,
         purpose: str = "estep",
+        precision: str = "32-true",
     ):
         super().__init__()
-        self.prior = prior
+        self.precision = check_precision(precision, "E-step")
+        self.prior = inference_prior(prior, self.precision)
         self.population = population
         self.method = method
         self.num_samples = int(num_samples)
@@ -90,7 +190,11 @@ class PosteriorSamplingModule(pl.LightningModule):
         generator.manual_seed(
             derive_seed(self.seed, self.round_index, self.purpose, int(indices[0]))
         )
-        with torch.inference_mode(False), torch.enable_grad():
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            precision_scope(self.precision, self.device),
+        ):
             samples = self.method.sample(
                 self.prior, sub.forward, sub.noise, sub.y, self.num_samples, generator
             )
@@ -122,6 +226,9 @@ class EStep:
         trainer: Lightning Trainer arguments (``accelerator``, ``devices``, ``strategy``,
             ``num_nodes``).
         progress: show Lightning's progress bar.
+        precision: ``"32-true"`` (default), ``"tf32"`` or ``"bf16-mixed"`` (the network under
+            bf16 autocast, TF32 elsewhere; CUDA only, a no-op on the CPU; see the module
+            docstring).
     """
 
     def __init__(
@@ -131,20 +238,26 @@ class EStep:
         batch_size: int = 64,
         trainer: Mapping | None = None,
         progress: bool = False,
+        precision: str = "32-true",
     ):
         self.method = posterior_method(sampler)
         self.num_samples = check_int(num_samples, "estep num_samples")
         self.batch_size = check_int(batch_size, "estep batch_size")
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "E-step")
         self.progress = bool(progress)
+        self.precision = check_precision(precision, "E-step")
 
     def options(self) -> dict:
-        """What identifies this E-step in a run directory (JSON-able)."""
-        return {
+        """What identifies this E-step in a run directory (JSON-able); the precision only
+        when it is not fp32 (run directories made before it existed stay valid)."""
+        out = {
             "sampler": self.method.options(),
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
         }
+        if self.precision != "32-true":
+            out["precision"] = self.precision
+        return out
 
     def check(self, prior, population: Population) -> None:
         """Raises a ValueError when the method cannot run on this prior and population."""
@@ -175,7 +288,14 @@ class EStep:
             self.batch_size,
         )
         module = PosteriorSamplingModule(
-            prior, population, self.method, bank.num_samples, seed, round_index, purpose
+            prior,
+            population,
+            self.method,
+            bank.num_samples,
+            seed,
+            round_index,
+            purpose,
+            precision=self.precision,
         )
         runner = pl.Trainer(
             logger=False,

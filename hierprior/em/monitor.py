@@ -23,6 +23,15 @@ p_{\theta_k}(x \mid y_i)` (the E-step of round k), the monitor logs:
   see the population, the bank and the round's folder, e.g.
   :class:`~hierprior.evaluation.MassMapMetrics`), and image grids.
 
+Devices: the monitor works wherever the prior and the population live. The residuals are
+computed on the population's device (the bank's samples are moved there chunk by chunk); every
+other metric (PQMass, TARP, MIRA, the posterior-mean error, the evaluators, the grids) is
+computed on the CPU from explicitly moved copies, so the bank may be given on any device.
+Evaluators receive CPU tensors; posterior evaluators also receive the population (on its own
+device). ``precision`` (``"32-true"``, ``"tf32"``, ``"bf16-mixed"``) is that of
+:class:`~hierprior.em.EStep` for the prior samples: on CUDA, TF32 and/or the network under
+bf16 autocast; a no-op on the CPU.
+
 PQMass p-values (``*_pvalue``) are permutation p-values (``permutations > 0``, the default):
 the chi2 p-value of the mean over tessellations is conservative (its null spread is far
 smaller than chi2(K-1)'s), so it is not reported as a p-value; ``*_chi2`` is the statistic.
@@ -41,6 +50,7 @@ from torch import Tensor
 from hierprior.diffusion import GaussianPrior, sample
 from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.em.bank import SampleBank
+from hierprior.em.estep import check_precision, inference_prior, precision_scope
 from hierprior.em.population import Population
 from hierprior.io import atomic_write_text, device_of, is_image_shape, save_sample_grid
 from hierprior.metrics import mira, pqmass, residual_chi2, tarp
@@ -109,6 +119,8 @@ class Monitor:
             into round_dir); ``samples`` is the bank (N, S, *event).
         value_range: the data range mapped to black..white in grids.
         progress: progress bars of the samplers.
+        precision: of the prior sampler: ``"32-true"`` (default), ``"tf32"`` or
+            ``"bf16-mixed"`` (CUDA only; a no-op on the CPU).
     """
 
     def __init__(
@@ -127,6 +139,7 @@ class Monitor:
         value_range: Sequence[float] = (-1.0, 1.0),
         progress: bool = False,
         posterior_evaluators: Sequence[Callable[..., dict]] = (),
+        precision: str = "32-true",
     ):
         self.num_prior_samples = check_int(num_prior_samples, "monitor num_prior_samples", 4)
         if method not in SAMPLERS:
@@ -157,6 +170,7 @@ class Monitor:
             raise ValueError(f"monitor value_range must satisfy a < b, got {value_range}")
         self.value_range = (lo, hi)
         self.progress = bool(progress)
+        self.precision = check_precision(precision, "monitor")
 
     def options(self) -> dict:
         keys = (
@@ -169,17 +183,21 @@ class Monitor:
             "tarp_observations",
             "tarp_samples",
         )
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.precision != "32-true":  # absent at fp32: older run directories stay valid
+            out["precision"] = self.precision
+        return out
 
     # ------------------------------------------------------------------------ pieces
     def prior_samples(self, prior, *, seed: int, round_index: int) -> Tensor:
         """``num_prior_samples`` samples of the prior (on the CPU), from the round's stream."""
-        g = derived_generator(seed, round_index, "monitor", "prior", device=device_of(prior))
+        device = device_of(prior)
+        g = derived_generator(seed, round_index, "monitor", "prior", device=device)
         if isinstance(prior, GaussianPrior):
             return prior.sample(self.num_prior_samples, g).cpu()
-        with torch.no_grad():
+        with torch.no_grad(), precision_scope(self.precision, device):
             x = sample(
-                prior,
+                inference_prior(prior, self.precision),
                 self.num_prior_samples,
                 method=self.method,
                 steps=self.steps,
@@ -205,8 +223,9 @@ class Monitor:
     def residual_chi2_per_observation(
         population: Population, samples: Tensor, chunk: int = 256
     ) -> Tensor:
-        """Reduced chi2 per observation (N,), float64, of samples (N, S, *event) averaged over
-        S, over observed entries only."""
+        """Reduced chi2 per observation (N,), float64 on the CPU, of samples (N, S, *event)
+        (on any device) averaged over S, over observed entries only. It is computed on the
+        population's device, chunk by chunk."""
         per_obs = []
         with torch.no_grad():
             for start in range(0, len(population), chunk):
@@ -255,15 +274,16 @@ class Monitor:
                 round_dir / "tarp_bank", n, self.tarp_samples, population.signal_shape
             )
             estep(prior, population[:n], bank, seed=seed, round_index=round_index, purpose="tarp")
-            post = bank.load()
+            post = bank.load(device="cpu")
+        post = post.detach().float().cpu()  # TARP and MIRA run on the CPU
         g = derived_generator(seed, round_index, "monitor", "tarp")
-        r = tarp(post.float(), population.truth[:n].float().cpu(), generator=g, bootstrap=0)
+        r = tarp(post, population.truth[:n].float().cpu(), generator=g, bootstrap=0)
         atomic_write_text(
             round_dir / "tarp.json",
             json.dumps({"alpha": r.alpha.tolist(), "ecp": r.ecp.tolist()}),
         )
         m = mira(
-            post.float(),
+            post,
             population.truth[:n].float().cpu(),
             generator=derived_generator(seed, round_index, "monitor", "mira"),
         )
@@ -290,9 +310,11 @@ class Monitor:
     ) -> tuple[dict, dict[str, Path], Tensor]:
         """Measures round k: returns (metrics, images written, the prior samples drawn).
 
-        ``samples`` is the round's bank, with shape (N, S, *event_shape).
+        ``samples`` is the round's bank, with shape (N, S, *event_shape), on any device: the
+        residuals are computed on the population's device, everything else on the CPU.
         """
         k = round_index
+        samples = samples.detach().cpu()  # the metrics' copy (no copy when it is on the CPU)
         row: dict = {}
         images: dict[str, Path] = {}
         prior_x = self.prior_samples(prior, seed=seed, round_index=k)
@@ -303,7 +325,8 @@ class Monitor:
             )
         truth = population.truth
         if truth is not None:
-            row.update(self.pq(prior_x, truth.cpu(), "truth", seed=seed, round_index=k))
+            truth = truth.detach().cpu()
+            row.update(self.pq(prior_x, truth, "truth", seed=seed, round_index=k))
             err = samples.mean(1).to(truth) - truth
             row["posterior_mean_rmse"] = float(err.pow(2).flatten(1).mean(1).sqrt().mean())
         row.update(self.residuals(population, samples))
