@@ -55,6 +55,13 @@ Usage:
     python benchmarks/estep.py                      # CPU, small U-Net, 1 thread
     python benchmarks/estep.py --device cuda        # the ~9M U-Net at 32x32, B = 1024
     python benchmarks/estep.py --device cuda --bf16 --compile --out estep_h100.md
+    python benchmarks/estep.py --device cuda --methods mmps --solvers cg --no-nfe \
+        --repeats 1 --no-net-time --bf16          # what benchmarks/gpu_check.sh runs
+
+``--bf16`` autocasts the network only (``--bf16-scope net``, the default: the boundary of the
+EM E-step's ``precision: bf16-mixed``, :class:`hierprior.em.estep.NetworkAutocast`), for
+hierprior and azula alike, with TF32 on; ``--bf16-scope all`` autocasts the whole run (both
+libraries' solver arithmetic included).
 
 References:
     Rozet et al. (2024), Learning Diffusion Priors from Observations by Expectation
@@ -191,6 +198,21 @@ class CountingBackbone(nn.Module):
         if self._backward_start is not None:
             self.seconds += self._now(grad) - self._backward_start
             self._backward_start = None
+
+
+class NetAutocast(nn.Module):
+    """Runs a backbone under bf16 autocast on CUDA and returns fp32 (the E-step's boundary)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
+        if x.device.type != "cuda":
+            return self.inner(x, c_noise)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            out = self.inner(x, c_noise)
+        return out.to(x.dtype)
 
 
 def _fill_zero_weights(module: nn.Module, generator: torch.Generator) -> None:
@@ -358,11 +380,13 @@ def make_cases(
     steps: int,
     sampler: str = "ddim",
     with_azula: bool = True,
+    solvers: tuple[str, ...] = ("cg", "gmres"),
 ) -> list[Case]:
     """The benchmark cases for the requested methods, each followed by its azula counterpart.
 
-    ``methods`` holds "prior" and/or keys of POSTERIOR_METHODS; "mmps" gives two cases (CG
-    and GMRES, k = 1). azula has counterparts for "prior", "mmps" and "dps".
+    ``methods`` holds "prior" and/or keys of POSTERIOR_METHODS; "mmps" gives one case per
+    solver of ``solvers`` (CG and GMRES, k = 1). azula has counterparts for "prior", "mmps"
+    and "dps".
     """
     prior, n, event = problem.prior, problem.num_obs, problem.event_shape
     device = problem.y.device
@@ -394,7 +418,7 @@ def make_cases(
         return sample(prior, n, method=sampler, steps=steps, generator=gen(seed))
 
     cases = []
-    mmps_variants = (("cg", "mmps-cg"), ("gmres", "mmps-gmres"))
+    mmps_variants = tuple((solver, f"mmps-{solver}") for solver in solvers)
     for method in methods:
         if method == "prior":
             cases.append(Case("prior", "hierprior", f"{sampler}, no guidance", prior_run, "prior"))
@@ -494,6 +518,7 @@ def run_benchmark(
     bf16: bool = False,
     clock: str = "wall",
     log: Callable[[str], None] | None = print,
+    net_time: bool = True,
 ) -> list[Result]:
     """Times every case: a warm-up run each (it counts network rows), then timed runs.
 
@@ -503,6 +528,7 @@ def run_benchmark(
     that raises (e.g. out of memory) is noted and skipped; non-finite samples are noted.
     ``clock="cpu"`` times with the process CPU time (CPU device only), which other jobs on a
     shared machine do not inflate; with one thread it equals the wall time of an idle machine.
+    ``net_time=False`` skips the extra CUDA run that measures the time in the network.
     """
     device = problem.y.device
     cuda = device.type == "cuda"
@@ -554,7 +580,7 @@ def run_benchmark(
     for i, result in enumerate(results):
         if result.seconds and not cuda:
             result.net_fraction /= sum(result.seconds)
-        elif result.seconds:
+        elif result.seconds and net_time:
             seconds = attempt(i, timing=True)
             result.net_fraction = net_seconds[i] / seconds if seconds else None
         if log is not None:
@@ -864,12 +890,29 @@ def main(argv: list[str] | None = None) -> str:
     )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
     parser.add_argument(
+        "--bf16-scope",
+        choices=["net", "all"],
+        default="net",
+        help="autocast the network only (as the EM E-step does; default) or the whole run",
+    )
+    parser.add_argument(
+        "--solvers", default="cg,gmres", help="MMPS solvers (comma-separated: cg, gmres)"
+    )
+    parser.add_argument(
+        "--no-net-time",
+        action="store_true",
+        help="skip the extra CUDA run that measures the time spent in the network",
+    )
+    parser.add_argument(
         "--compile", action="store_true", help="torch.compile the backbone (CUDA only)"
     )
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    solvers = tuple(v.strip() for v in args.solvers.split(",") if v.strip())
+    if not solvers or set(solvers) - {"cg", "gmres"}:
+        parser.error(f"--solvers must be a subset of cg,gmres, got {args.solvers!r}")
     unknown = sorted(set(methods) - set(known))
     if unknown or not methods:
         parser.error(f"unknown methods {unknown}; choose from {known}")
@@ -902,6 +945,10 @@ def main(argv: list[str] | None = None) -> str:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
 
     problem = build_problem(size, batch, device, args.seed)
+    if args.bf16:  # TF32 for what stays fp32, as the EM E-step's bf16-mixed precision
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.bf16 and args.bf16_scope == "net":
+        problem.counter.inner = NetAutocast(problem.counter.inner)
     if args.compile:
         problem.counter.inner = torch.compile(problem.counter.inner)
     with_azula = not args.no_azula and azula is not None
@@ -909,10 +956,18 @@ def main(argv: list[str] | None = None) -> str:
         if azula is None:
             parser.error("--check needs azula")
         print("check (DDIM, same initial noise and grid):", check_against_azula(problem, steps))
-    cases = make_cases(problem, methods, steps, args.sampler, with_azula)
+    cases = make_cases(problem, methods, steps, args.sampler, with_azula, solvers)
     r = SIZES[size]["image_size"]
     print(f"E-step benchmark: {len(cases)} cases, N={batch}, {steps} steps, {r}x{r}, {device}")
-    results = run_benchmark(problem, cases, args.repeats, args.seed, args.bf16, args.clock)
+    results = run_benchmark(
+        problem,
+        cases,
+        args.repeats,
+        args.seed,
+        args.bf16 and args.bf16_scope == "all",
+        args.clock,
+        net_time=not args.no_net_time,
+    )
     meta = {
         "device": _device_name(device),
         "torch": torch.__version__,
@@ -922,7 +977,7 @@ def main(argv: list[str] | None = None) -> str:
         "N": batch,
         "steps": steps,
         "time grid": "edm",
-        "dtype": "bf16 autocast" if args.bf16 else "fp32",
+        "dtype": f"bf16 autocast ({args.bf16_scope}), TF32" if args.bf16 else "fp32",
         "compile": args.compile,
         "time": f"best of {args.repeats} after a warm-up, {args.clock} clock",
     }
