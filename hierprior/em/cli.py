@@ -23,6 +23,7 @@ from hierprior.config import ConfigError, check_em_section, first_line, instanti
 
 __all__ = [
     "PRIOR_KEY_IGNORED",
+    "wandb_identity",
     "check_em_section",
     "check_sampler_section",
     "initial_prior_key",
@@ -108,18 +109,28 @@ def _load_or_quarantine(prior_dir: Path):
         return None
 
 
-def _train_prior(cfg, prior_dir: Path, name: str) -> None:
-    """Trains (or resumes) the round-0 prior in prior_dir and marks it DONE."""
+def _train_prior(cfg, prior_dir: Path, name: str, run_dir: Path) -> None:
+    """Trains (or resumes) the round-0 prior in prior_dir and marks it DONE.
+
+    Its wandb run (``logger=wandb``) is in the EM run's group, with ``job_type: prior`` and the
+    name ``<EM run's name>/prior``, in ``<prior_dir>/wandb``.
+    """
     from omegaconf import OmegaConf, open_dict
 
     from hierprior.io import atomic_write_text
     from hierprior.training import fit_prior
 
+    ident = wandb_identity(cfg, run_dir)
     sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
     with open_dict(sub):  # the logger's folder and name follow run_dir and name
         sub.run_dir = str(prior_dir)
         sub.name = name
         sub.pop("hydra", None)
+        if (sub.get("logger") or {}).get("wandb") is not None:
+            sub.logger.wandb.name = f"{ident['name']}/prior"
+            sub.logger.wandb.group = ident["group"]
+            sub.logger.wandb.job_type = "prior"
+            sub.logger.wandb.tags = ident["tags"]
     sub = OmegaConf.create(OmegaConf.to_container(sub, resolve=True))
     out = fit_prior(sub)
     atomic_write_text(prior_dir / "DONE", str(out.prior))
@@ -164,7 +175,7 @@ def _initial_prior(cfg, run_dir: Path):
     if not cache:  # no shared cache: train inside the run directory
         if own.is_symlink():
             own.unlink()
-        _train_prior(cfg, own, f"{cfg.name}_initial_prior")
+        _train_prior(cfg, own, f"{cfg.name}_initial_prior", run_dir)
         return load_prior(own / "prior.ckpt")
     digest, key = initial_prior_key(cfg)
     prior_dir = Path(str(cache)) / digest
@@ -174,7 +185,7 @@ def _initial_prior(cfg, run_dir: Path):
                 if not (prior_dir / "DONE").exists():  # not trained by a job we waited for
                     atomic_write_text(prior_dir / "key.json", json.dumps(key, indent=1))
                     log.info("training the round-0 prior %s into %s", digest, prior_dir)
-                    _train_prior(cfg, prior_dir, f"initial_prior_{digest}")
+                    _train_prior(cfg, prior_dir, f"initial_prior_{digest}", run_dir)
         prior = _load_or_quarantine(prior_dir)
         if prior is not None:
             _link(run_dir, prior_dir)
@@ -182,16 +193,74 @@ def _initial_prior(cfg, run_dir: Path):
     raise RuntimeError(f"the round-0 prior in {prior_dir} could not be trained and loaded")
 
 
-def _logger(cfg) -> tuple[str | None, dict]:
+def wandb_identity(cfg, run_dir: Path) -> dict:
+    """The wandb ``group``, ``name`` and ``tags`` of an EM run (and of its round-0 prior).
+
+    ``group``: the run directory's name, or for a job of a multirun (``-m``) the sweep's name
+    (the folder above ``multirun/``); ``name``: the group, or ``<group>:<job folder>`` for a
+    multirun job; ``tags``: the experiment, the sampler, the M-step kind and the population.
+    ``logger.wandb.group`` / ``name`` / ``tags`` given in the config take precedence.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    run_dir = Path(str(run_dir))
+    group, name, choices = run_dir.name, run_dir.name, {}
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        choices = dict(hc.runtime.choices or {})
+        if hc.mode == RunMode.MULTIRUN:
+            sweep = Path(str(hc.sweep.dir))
+            group = sweep.parent.name if sweep.name == "multirun" else sweep.name
+            name = f"{group}:{run_dir.name}"
+    sampler = (cfg.get("sampler") or {}).get("method")
+    tags = [
+        choices.get("experiment") or cfg.get("name"),
+        f"sampler={sampler}" if sampler else None,
+        f"mstep={choices['em/mstep']}" if choices.get("em/mstep") else None,
+        f"population={choices['population']}" if choices.get("population") else None,
+    ]
+    w = (cfg.get("logger") or {}).get("wandb") or {}
+    return {
+        "group": w.get("group") or group,
+        "name": name if w.get("name") in (None, cfg.get("name")) else w.get("name"),
+        "tags": list(w.get("tags") or []) + [str(t) for t in tags if t],
+    }
+
+
+def _logger(cfg, run_dir: Path) -> tuple[str | None, dict]:
+    from omegaconf import OmegaConf
+
     logger = cfg.get("logger") or {}
     if "wandb" in logger:
         w = logger.wandb
+        full = OmegaConf.to_container(cfg, resolve=True)
+        full.pop("hydra", None)
         return "wandb", {
             "project": w.get("project", "hierprior"),
-            "name": cfg.name,
+            "entity": w.get("entity"),
             "mode": w.get("mode", "offline"),
+            "job_type": "em",
+            "config": full,
+            **wandb_identity(cfg, run_dir),
         }
     return ("csv", {}) if "csv" in logger else (None, {})
+
+
+def _set_progress(cfg, pieces) -> None:
+    """``progress`` (true | false | null = auto: on in a terminal, off in batch logs and with
+    ``$CI``) turns on the progress bars of the E-step, M-step and monitor, unless a piece's
+    own ``progress`` option is set in its config section."""
+    from hierprior.training.callbacks import progress_enabled
+
+    try:
+        on = progress_enabled(cfg.get("progress"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    for key, piece in pieces.items():
+        node = cfg.em.get(key) or {}
+        if hasattr(piece, "progress") and node.get("progress") is None:
+            piece.progress = on
 
 
 def run_from_config(cfg):
@@ -204,6 +273,7 @@ def run_from_config(cfg):
 
     from hierprior.runs import hold_run_dir, stop_on_signal
     from hierprior.training import build_denoiser, check_train_config
+    from hierprior.training.callbacks import quiet_lightning
 
     check_em_section(cfg)
     check_sampler_section(cfg)
@@ -211,6 +281,8 @@ def run_from_config(cfg):
     mstep = instantiate_checked(cfg.em.mstep, "em.mstep")
     monitor = instantiate_checked(cfg.em.monitor, "em.monitor")
     stop = instantiate_checked(cfg.em.stop, "em.stop")
+    _set_progress(cfg, {"estep": estep, "mstep": mstep, "monitor": monitor})
+    quiet_lightning()
     if not cfg.em.initial_prior:
         if estep.method.name == "exact":
             raise ConfigError(
@@ -249,7 +321,7 @@ def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
         raise ConfigError(first_line(err)) from err
     if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
         prior, population = prior.cuda(), population.to("cuda")
-    logger, logger_options = _logger(cfg)
+    logger, logger_options = _logger(cfg, run_dir)
     result = run_em(
         prior,
         population,

@@ -15,10 +15,12 @@ Run directory (rerunning the same call continues it; a different configuration i
                        fingerprints of population and initial prior), wandb run id
     population.pt      y, truth, fingerprint
     metrics.csv, table.md, metrics.png, calibration.png, observations.png, truth.png
-    round_kkk/         mstep/ (Lightning checkpoints, k >= 1), train_state.pt, prior.ckpt
-                       (the M-step's commit marker), bank/shard_*.pt (E-step), tarp_bank/,
-                       prior_samples.pt, tarp.json, *.png, metrics.json (the round's commit
-                       marker, written last)
+    round_kkk/         mstep/ (Lightning checkpoints, loss.csv and loss.png: the loss of
+                       every M-step step, k >= 1), train_state.pt, prior.ckpt (the M-step's
+                       commit marker), bank/shard_*.pt (E-step), tarp_bank/, prior_samples.pt,
+                       tarp.json, *.png, timing.json (wall times of the M-step, E-step and
+                       monitor, in s, of the process that finished each), metrics.json (the
+                       round's commit marker, written last)
 
 Randomness: every stream derives from (run seed, round, purpose[, observation]) through
 :func:`hierprior.seeds.derive_seed`; the global RNG is never used, so any round is
@@ -31,6 +33,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,7 @@ from hierprior.em.population import Population, tensor_fingerprint
 from hierprior.em.report import Report, metrics_table
 from hierprior.em.stop import StopRule
 from hierprior.io import atomic_save, atomic_write_text, device_of
+from hierprior.training.callbacks import quiet_lightning
 
 __all__ = ["EMResult", "run_em", "build_pieces"]
 
@@ -153,10 +157,21 @@ def _open_run_dir(run_dir: Path, identity: dict) -> dict:
 # ------------------------------------------------------------------------- round steps
 
 
+def _timing(rdir: Path, key: str, start: float) -> float:
+    """Records a step's wall time (s, since ``start``) in ``rdir/timing.json``."""
+    seconds = round(time.perf_counter() - start, 3)
+    path = rdir / "timing.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    timing[key] = seconds
+    atomic_write_text(path, json.dumps(timing, indent=1))
+    return seconds
+
+
 def _mstep(mstep, previous, samples: Tensor, rdir: Path, *, seed: int, k: int, device):
     """prior_k = M-step(prior_{k-1}, bank_{k-1}); reloaded from rdir once it is done."""
     done, state_file = rdir / "prior.ckpt", rdir / "train_state.pt"
     if not done.exists():
+        start = time.perf_counter()
         state = _load(rdir.parent / f"round_{k - 1:03d}" / "train_state.pt")
         new, state = mstep(
             previous, samples.to(device), rdir / "mstep", seed=seed, round_index=k, state=state
@@ -164,6 +179,7 @@ def _mstep(mstep, previous, samples: Tensor, rdir: Path, *, seed: int, k: int, d
         if state is not None:
             atomic_save(state, state_file)
         save_prior(new, done, meta={"round": k})  # the M-step's commit marker
+        log.info("M-step round %d done in %.1f s", k, _timing(rdir, "mstep_s", start))
     return load_prior(done, map_location=device)
 
 
@@ -173,7 +189,11 @@ def _load(path: Path) -> dict | None:
 
 def _estep(estep: EStep, prior, population: Population, rdir: Path, *, seed: int, k: int):
     bank = SampleBank(rdir / "bank", len(population), estep.num_samples, population.signal_shape)
+    if bank.is_complete():
+        return bank
+    start = time.perf_counter()
     estep(prior, population, bank, seed=seed, round_index=k)
+    _timing(rdir, "estep_s", start)
     return bank
 
 
@@ -216,7 +236,9 @@ def run_em(
         rounds: the maximum number of rounds after round 0 (a rerun with more continues).
         logger: ``"wandb"`` (offline by default, in the run directory), ``"csv"`` or None;
             metrics.csv, table.md and the figures are always written.
-        logger_options: wandb options (``project``, ``name``, ``mode``).
+        logger_options: wandb options (``project``, ``entity``, ``name``, ``group``,
+            ``job_type``, ``tags``, ``mode``, ``config``: the config the wandb run stores,
+            default the run's identity); see :class:`~hierprior.em.report.Report`.
         config: extra configuration that identifies the run (e.g. the population's config);
             a run directory made with a different one is refused.
         generator: only its ``initial_seed()`` is used, as the run seed.
@@ -247,6 +269,7 @@ def run_em(
         monitor = monitor if isinstance(monitor, Monitor) else Monitor(**dict(monitor or {}))
         monitor.evaluators += list(evaluators)
     estep, mstep, monitor, stop = build_pieces(prior, estep, mstep, monitor, stop)
+    quiet_lightning()
     estep.check(prior, population)
     mstep.check(prior)
     if seed is None:
@@ -297,7 +320,9 @@ def run_em(
             done = rdir / "metrics.json"
             if done.exists():  # a completed round
                 metrics.append(json.loads(done.read_text()))
+                report.replay(metrics[-1])  # a resumed offline wandb run logs it again
             else:
+                start = time.perf_counter()
                 row, images = {"round": k}, {}
                 if k == 0:
                     images.update(monitor.population_grids(population, run_dir))
@@ -317,6 +342,7 @@ def run_em(
                 if previous is not None:
                     row.update(stop.test(samples, previous, prior_x, seed=seed, round_index=k))
                 atomic_save(prior_x, rdir / "prior_samples.pt")
+                _timing(rdir, "monitor_s", start)
                 atomic_write_text(done, json.dumps(row, indent=1))  # commits the round
                 metrics.append(row)
                 report.round(metrics, images)

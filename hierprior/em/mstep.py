@@ -10,7 +10,9 @@ r"""M-step: refit the prior on the E-step's posterior samples.
   optimiser, for a fixed number of steps. Lightning's ``last.ckpt`` (in ``<workdir>/checkpoints``)
   lets a killed M-step resume; a checkpoint that cannot be read (torn by a kill outside the
   atomic write, or foreign) is quarantined and the M-step restarts from the round's initial
-  weights. Any other error propagates.
+  weights. Any other error propagates. The loss of every optimiser step goes to
+  ``<workdir>/loss.csv`` (``step,split,loss``) and ``<workdir>/loss.png`` (rewritten at every
+  checkpoint and at the end; a resumed M-step keeps the rows of its checkpoint).
 
 Randomness: the training noise and times come from the module's generator seeded with
 (run seed, round, "mstep", "noise"), the batch order from (run seed, round, "mstep",
@@ -92,7 +94,8 @@ class NetworkMStep:
         time_distribution: training times, ``"lognormal"`` (EDM) or ``"uniform"``.
         trainer: Lightning Trainer arguments (``accelerator``, ``devices``, ``strategy``,
             ``num_nodes``, ``precision``, e.g. ``"bf16-mixed"`` on a GPU).
-        progress: show Lightning's progress bar.
+        progress: show Lightning's progress bar (``hierprior-em`` sets it from the ``progress``
+            key).
     """
 
     def __init__(
@@ -174,7 +177,9 @@ class NetworkMStep:
         Returns the new prior (the EMA denoiser) and the training state to carry forward.
         """
         from hierprior.training import PriorModule, TensorDataModule
+        from hierprior.training.callbacks import LossCurve, quiet_lightning
 
+        quiet_lightning()
         workdir = Path(workdir)
         raw = copy.deepcopy(prior).train()
         if state is not None:
@@ -204,7 +209,8 @@ class NetworkMStep:
             max_steps=self.steps,
             default_root_dir=workdir,
             logger=False,
-            callbacks=[checkpoint],
+            # the loss of every step into workdir/loss.csv (state saved in last.ckpt)
+            callbacks=[checkpoint, LossCurve(workdir, 1, self.checkpoint_every)],
             gradient_clip_val=self.gradient_clip_val,
             enable_progress_bar=self.progress,
             enable_model_summary=False,

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,7 +38,68 @@ from hierprior.diffusion.checkpoint import save_prior
 from hierprior.diffusion.sampling import SAMPLERS, sample
 from hierprior.io import atomic_write_bytes, figure_bytes, save_sample_grid
 
-__all__ = ["LossCurve", "PriorCheckpoint", "SampleGrid", "plot_loss_curve"]
+__all__ = [
+    "LossCurve",
+    "PriorCheckpoint",
+    "SampleGrid",
+    "plot_loss_curve",
+    "progress_enabled",
+    "quiet_lightning",
+]
+
+#: Lightning's INFO lines that are noise in a run's log: its advertising tips (always) and the
+#: accelerator lines (after their first occurrence in the process)
+_ADVERTS = ("\N{ELECTRIC LIGHT BULB} Tip:", "Tip: For seamless")
+_ONCE = ("GPU available:", "TPU available:", "HPU available:")
+
+
+class _LightningNoise(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if any(a in msg for a in _ADVERTS):
+            return False
+        if msg.startswith(_ONCE):
+            if msg in self.seen:
+                return False
+            self.seen.add(msg)
+        return True
+
+
+_NOISE = _LightningNoise()
+
+
+def quiet_lightning() -> None:
+    """Silences Lightning's advertising tips (litlogger, litmodels) and repeats of its
+    "GPU available / TPU available" lines (one Trainer per EM step would print them every
+    round). Idempotent; affects this process's ``pytorch_lightning`` loggers only."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _NOISE not in logger.filters:
+            logger.addFilter(_NOISE)
+
+
+def progress_enabled(value=None) -> bool:
+    """Whether to show progress bars: ``True``/``False`` as given; ``None`` or ``"auto"``: on in
+    an interactive terminal (stderr is a TTY) unless ``$CI`` is set, off in batch logs.
+
+    Raises a ValueError for anything else (e.g. ``progress=maybe``).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+        return value.lower() in ("true", "yes", "on")
+    if value is None or (isinstance(value, str) and value.lower() == "auto"):
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            return False
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, ValueError):
+            return False
+    raise ValueError(f"progress must be true, false or auto (null), got {value!r}")
 
 
 def plot_loss_curve(rows: Sequence[tuple[int, str, float]], path: str | os.PathLike) -> Path:

@@ -43,6 +43,7 @@ from hierprior.training.build import (
     check_train_config,
     plain_config,
 )
+from hierprior.training.callbacks import progress_enabled, quiet_lightning
 
 __all__ = ["TrainOutputs", "fit_prior", "write_config"]
 
@@ -92,18 +93,48 @@ def fit_prior(cfg: DictConfig) -> TrainOutputs:
             torch.set_num_threads(previous_threads)
 
 
+def _loggers(cfg: DictConfig, run_dir: Path) -> list:
+    """``cfg.logger``'s loggers; a wandb one gets the full resolved config, ``job_type``
+    ``prior`` and the run directory's name as ``group`` (unless the config sets them), and a
+    run id kept in ``<run_dir>/wandb_id`` with ``resume="allow"``, so that a resumed training
+    logs into the same wandb run."""
+    import uuid
+
+    from pytorch_lightning.loggers import WandbLogger
+
+    loggers = build_loggers(cfg)
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is None:
+            init = logger._wandb_init
+            id_file = run_dir / "wandb_id"
+            if not init.get("id"):
+                if not id_file.exists():
+                    atomic_write_text(id_file, uuid.uuid4().hex[:8])
+                init["id"] = id_file.read_text().strip()
+                init["resume"] = "allow"
+            init["group"] = init.get("group") or run_dir.name
+            init["job_type"] = init.get("job_type") or "prior"
+            init["tags"] = list(init.get("tags") or []) or None
+            init["config"] = plain_config(cfg)
+    return loggers
+
+
 def _fit(cfg: DictConfig, run_dir: Path, config_path: Path) -> TrainOutputs:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     denoiser = build_denoiser(cfg, datamodule.event_shape)
     module = build_module(cfg, denoiser)
+    quiet_lightning()
     trainer = build_trainer(
         cfg,
         [*build_callbacks(cfg, run_dir), stop_callback()],
-        build_loggers(cfg),
+        _loggers(cfg, run_dir),
         run_dir,
         # without validation data, skip the validation loop altogether
         **({"limit_val_batches": 0} if datamodule.val_data is None else {}),
+        # `progress` (null: on in a terminal, off in batch logs and CI) and the trainer's own
+        enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True))
+        and progress_enabled(cfg.get("progress")),
     )
 
     last = run_dir / "checkpoints" / "last.ckpt"
