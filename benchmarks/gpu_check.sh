@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check, at most ~8 minutes on one H100/H200 (every step has a time limit under an
-# overall budget): (a) the E-step against azula (MMPS, CG k=1, the ~9M U-Net at 32x32,
-# B=1024, 64 steps) in fp32, bf16 (network-only autocast + TF32) and bf16 + torch.compile;
+# overall budget): (a) the E-step against azula (MMPS, DDPM, CG k=1 as conf/sampler/mmps.yaml,
+# the ~9M U-Net at 32x32, B=1024, 64 steps) in fp32, bf16 (network-only autocast + TF32) and
+# bf16 + torch.compile;
 # (b) DSM training throughput against azula (same network and batch; fp32, bf16,
 # bf16 + compile); (c) a shrunk 2-round `experiment=mnist_shift` EM run on CUDA. It writes
 # benchmarks/results/<card>.md (card from nvidia-smi, sanitised) with the tables, the targets
@@ -90,7 +91,7 @@ section() {
   echo
 }
 
-estep_common=(--methods mmps --solvers cg --no-nfe --repeats 1 --no-net-time)
+estep_common=(--methods mmps --solvers cg --sampler ddpm --no-nfe --repeats 1 --no-net-time)
 declare -a estep_status train_status
 i=0
 for v in "${variants[@]}"; do

@@ -192,6 +192,22 @@ def test_autocast_covers_the_network_only(monkeypatch):
     assert not any(net.autocast_seen)
 
 
+def test_precision_follows_the_trainer_config():
+    from hydra import compose, initialize_config_dir
+
+    from hierprior.config import CONF_DIR, instantiate_checked
+
+    for experiment, expected in (("mnist_shift", "bf16-mixed"), ("mnist_shift_tiny", "32-true")):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("em", overrides=[f"experiment={experiment}"])
+        estep = instantiate_checked(cfg.em.estep, "em.estep")
+        monitor = instantiate_checked(cfg.em.monitor, "em.monitor")
+        assert estep.precision == monitor.precision == expected, experiment
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("em", overrides=["experiment=mnist_shift", "em.estep.precision=tf32"])
+    assert instantiate_checked(cfg.em.estep, "em.estep").precision == "tf32"
+
+
 # ------------------------------------------------------------------------------ devices
 
 
