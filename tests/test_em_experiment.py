@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -171,3 +172,11 @@ def test_bad_values_fail_before_any_training(override, key, tmp_path):
         run_from_config(cfg)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run" / "initial_prior").exists()  # no round-0 prior was trained
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for machines without CUDA")
+def test_gpu_trainer_without_cuda_fails_before_any_training(tmp_path):
+    cfg = compose_em(["trainer=gpu", f"run_dir={tmp_path / 'run'}", "logger=none"])
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        run_from_config(cfg)
+    assert not (tmp_path / "run").exists()

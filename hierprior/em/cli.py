@@ -277,6 +277,11 @@ def run_from_config(cfg):
 
     check_em_section(cfg)
     check_sampler_section(cfg)
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={cfg.trainer.accelerator} but CUDA is not available on this "
+            "machine; use trainer=default (CPU)"
+        )
     estep = instantiate_checked(cfg.em.estep, "em.estep")
     mstep = instantiate_checked(cfg.em.mstep, "em.mstep")
     monitor = instantiate_checked(cfg.em.monitor, "em.monitor")
@@ -320,6 +325,8 @@ def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
     except (TypeError, ValueError) as err:
         raise ConfigError(first_line(err)) from err
     if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of the M-step
+        torch.backends.cudnn.allow_tf32 = True
         prior, population = prior.cuda(), population.to("cuda")
     logger, logger_options = _logger(cfg, run_dir)
     result = run_em(
