@@ -43,7 +43,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "samplers"))
 
-from run_study import gaussian_problem, markdown_table, method_list  # noqa: E402
+from run_study import gaussian_problem, markdown_table, method_list, write_generated  # noqa: E402
 
 from hierprior.metrics import mira, tarp  # noqa: E402
 from hierprior.posterior import sample_posterior  # noqa: E402
@@ -152,14 +152,7 @@ def main() -> None:
             "\n\n" + markdown_table(f"TARP and MIRA per posterior method: {part}", HEADER, rows)
         )
         print("\n" + block, flush=True)
-        begin, end = f"<!-- generated: {part} -->", f"<!-- end: {part} -->"
-        text = out.read_text() if out.exists() else ""
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            text = head + begin + "\n" + block + end + rest.split(end, 1)[1]
-        else:
-            text += ("\n" if text else "") + begin + "\n" + block + end + "\n"
-        out.write_text(text)
+        write_generated(out, part, block)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_study import gaussian_problem, markdown_table, observe  # noqa: E402
+from run_study import gaussian_problem, markdown_table, observe, write_generated  # noqa: E402
 
 from hierprior.diffusion import GaussianPrior  # noqa: E402
 from hierprior.diffusion.denoiser import Denoiser  # noqa: E402
@@ -308,14 +308,7 @@ def main() -> None:
             + markdown_table(title, header, rows)
         )
         print("\n" + block, flush=True)
-        begin, end = f"<!-- generated: {part} -->", f"<!-- end: {part} -->"
-        text = out.read_text() if out.exists() else ""  # edits made meanwhile are kept
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            text = head + begin + "\n" + block + end + rest.split(end, 1)[1]
-        else:
-            text += ("\n" if text else "") + begin + "\n" + block + end + "\n"
-        out.write_text(text)
+        write_generated(out, part, block)
     total = time.perf_counter() - start
     print(f"wrote {out} ({total:.0f} s)")
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run_study import markdown_table  # noqa: E402
+from run_study import markdown_table, write_generated  # noqa: E402
 
 #: (label, sampler, eta, spacing, steps): the E-step settings compared
 SETTINGS = [
@@ -95,15 +95,7 @@ def main() -> None:
         + markdown_table(title, header, rows)
     )
     print("\n" + block, flush=True)
-    out = Path(args.out)
-    begin, end = "<!-- generated: mnist -->", "<!-- end: mnist -->"
-    text = out.read_text() if out.exists() else ""
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + begin + "\n" + block + end + rest.split(end, 1)[1]
-    else:
-        text += ("\n" if text else "") + begin + "\n" + block + end + "\n"
-    out.write_text(text)
+    write_generated(Path(args.out), "mnist", block)
 
 
 if __name__ == "__main__":

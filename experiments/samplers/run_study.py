@@ -272,6 +272,20 @@ def main() -> None:
     print(f"wrote {args.out} ({total:.0f} s)")
 
 
+def write_generated(out: Path, part: str, block: str) -> None:
+    """Writes ``block`` into ``out`` between its ``<!-- generated: part -->`` and
+    ``<!-- end: part -->`` markers (replacing what was there; appended when absent); the rest
+    of the file, edits made meanwhile included, is kept."""
+    begin, end = f"<!-- generated: {part} -->", f"<!-- end: {part} -->"
+    text = out.read_text() if out.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + begin + "\n" + block + end + rest.split(end, 1)[1]
+    else:
+        text += ("\n" if text else "") + begin + "\n" + block + end + "\n"
+    out.write_text(text)
+
+
 def markdown_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |"]
     lines.append("| " + " | ".join("---" for _ in header) + " |")
