@@ -93,7 +93,7 @@ import torch
 from torch import Tensor
 
 from hierprior.metrics.pqmass import as_generator
-from hierprior.metrics.tarp import _as_tensor
+from hierprior.metrics.tarp import _as_tensor, samples_and_truth
 
 __all__ = ["MIRAResult", "mira", "mira_null_moments"]
 
@@ -221,20 +221,9 @@ def mira(
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
     if not isinstance(norm, bool):
         raise TypeError(f"norm must be a bool, got {norm!r}")
-    samples = _as_tensor("samples", samples)
-    truth = _as_tensor("truth", truth)
-    if truth.ndim < 2 or samples.ndim != truth.ndim + 1:
-        raise ValueError(
-            f"samples must have shape (N, S, *event) and truth (N, *event) with a non-empty "
-            f"event shape; got samples {tuple(samples.shape)} and truth {tuple(truth.shape)}"
-        )
+    samples, truth = samples_and_truth(samples, truth, min_event_dims=1)
     n, s = samples.shape[0], samples.shape[1]
     event = tuple(truth.shape[1:])
-    if truth.shape[0] != n or tuple(samples.shape[2:]) != event:
-        raise ValueError(
-            f"samples {tuple(samples.shape)} do not match truth {tuple(truth.shape)}: expected "
-            f"samples of shape ({truth.shape[0]}, S, {', '.join(map(str, event))})"
-        )
     if n < 2 or s < 2:
         raise ValueError(
             f"need at least 2 observations and 2 samples each (one sets the radius), got "

@@ -82,6 +82,29 @@ class TARPResult:
     f: Tensor
 
 
+def samples_and_truth(samples, truth, min_event_dims: int = 0) -> tuple[Tensor, Tensor]:
+    """Tensors of posterior ``samples`` (N, S, *event) and ``truth`` (N, *event), checked.
+
+    Raises a one-line ValueError when the shapes do not pair (or the event has fewer than
+    ``min_event_dims`` dimensions), TypeError for what is not an array.
+    """
+    samples = _as_tensor("samples", samples)
+    truth = _as_tensor("truth", truth)
+    if truth.ndim < 1 + min_event_dims or samples.ndim != truth.ndim + 1:
+        event = "a non-empty event shape" if min_event_dims else "(N, *event)"
+        raise ValueError(
+            f"samples must have shape (N, S, *event) and truth (N, *event), with {event}; "
+            f"got samples {tuple(samples.shape)} and truth {tuple(truth.shape)}"
+        )
+    n, event = samples.shape[0], tuple(truth.shape[1:])
+    if truth.shape[0] != n or tuple(samples.shape[2:]) != event:
+        raise ValueError(
+            f"samples {tuple(samples.shape)} do not match truth {tuple(truth.shape)}: expected "
+            f"samples of shape ({truth.shape[0]}, S, {', '.join(map(str, event))})"
+        )
+    return samples, truth
+
+
 def _as_tensor(name: str, value) -> Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
@@ -139,20 +162,9 @@ def tarp(
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype}")
-    samples = _as_tensor("samples", samples)
-    truth = _as_tensor("truth", truth)
-    if truth.ndim < 1 or samples.ndim != truth.ndim + 1:
-        raise ValueError(
-            f"samples must have shape (N, S, *event) and truth (N, *event); got samples "
-            f"{tuple(samples.shape)} and truth {tuple(truth.shape)}"
-        )
+    samples, truth = samples_and_truth(samples, truth)
     n, s = samples.shape[0], samples.shape[1]
     event = tuple(truth.shape[1:])
-    if truth.shape[0] != n or tuple(samples.shape[2:]) != event:
-        raise ValueError(
-            f"samples {tuple(samples.shape)} do not match truth {tuple(truth.shape)}: expected "
-            f"samples of shape ({truth.shape[0]}, S, {', '.join(map(str, event))})"
-        )
     if n < 2 or s < 1:
         raise ValueError(f"need at least 2 simulations and 1 sample each, got N={n}, S={s}")
     for name, value, low in (("num_alpha", num_alpha, 2), ("bootstrap", bootstrap, 0)):
