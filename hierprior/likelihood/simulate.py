@@ -84,8 +84,8 @@ def correlated_noise(
     n: int,
     size: int,
     *,
-    white_fraction: float = 0.25,
-    correlation_length: float = 1.5,
+    white_fraction: float = 0.5,
+    correlation_length: float = 1.0,
     generator: torch.Generator | int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
@@ -112,7 +112,7 @@ def correlated_noise(
 
 
 def correlated_noise_covariance(
-    size: int, *, white_fraction: float = 0.25, correlation_length: float = 1.5
+    size: int, *, white_fraction: float = 0.5, correlation_length: float = 1.0
 ) -> Tensor:
     """The exact covariance of :func:`correlated_noise`, float64 with shape (size², size²).
 
@@ -179,15 +179,16 @@ def cosmic_rays(
 
 def noise_realisations(
     n: int = 50_000,
-    size: int = 16,
+    resolution: int = 16,
     *,
-    white_fraction: float = 0.25,
-    correlation_length: float = 1.5,
+    white_fraction: float = 0.5,
+    correlation_length: float = 1.0,
     cosmic_ray_rate: float = 1.0,
     amplitude: tuple[float, float] | list[float] = (5.0, 25.0),
     track_length: int = 3,
     flatten: bool = False,
     seed: int = 0,
+    value_range: tuple[float, float] | list[float] | None = None,
 ) -> Tensor:
     """Noise realisations for training a noise score model: correlated noise + cosmic rays.
 
@@ -196,20 +197,23 @@ def noise_realisations(
 
     Arguments:
         n: number of realisations.
-        size: image side in pixels.
+        resolution: image side in pixels.
         white_fraction, correlation_length: see :func:`correlated_noise`.
         cosmic_ray_rate, amplitude, track_length: see :func:`cosmic_rays` (rate 0: none).
-        flatten: return vectors (n, size²) (for an MLP score model) instead of images
-            (n, 1, size, size).
+        flatten: return vectors (n, resolution²) (for an MLP score model) instead of images
+            (n, 1, resolution, resolution).
         seed: the seed of the realisations.
+        value_range: the display range of the training sample grids (read by the training
+            callbacks from the data config; unused here).
 
     Returns:
-        float32 realisations with shape (n, 1, size, size), or (n, size²) with ``flatten``.
+        float32 realisations with shape (n, 1, resolution, resolution), or (n, resolution²)
+        with ``flatten``.
     """
     g = torch.Generator().manual_seed(int(seed))
     noise = correlated_noise(
         n,
-        size,
+        resolution,
         white_fraction=white_fraction,
         correlation_length=correlation_length,
         generator=g,
@@ -218,7 +222,7 @@ def noise_realisations(
     if cosmic_ray_rate > 0:
         noise = noise + cosmic_rays(
             n,
-            size,
+            resolution,
             rate=cosmic_ray_rate,
             amplitude=tuple(amplitude),
             track_length=track_length,
@@ -226,4 +230,4 @@ def noise_realisations(
             dtype=torch.float64,
         )
     noise = noise.float()
-    return noise.reshape(n, size * size) if flatten else noise.unsqueeze(1)
+    return noise.reshape(n, resolution**2) if flatten else noise.unsqueeze(1)
