@@ -16,9 +16,17 @@ with the likelihood score :math:`\nabla_\eta \log p(y \mid \eta) = -J_M^\top s(y
 constant preconditioner (identity by default, the update of Legin et al. 2023), given or
 *adapted during burn-in*: ``adapt = k`` replaces it k times during the first half of the
 burn-in by the inverse Hessian of :math:`-\log p(\eta \mid y)` at each chain's state (central
-finite differences of the gradient, symmetrised, eigenvalues made positive), so that every
-chain moves on the posterior's own scales (the parameters of an image model differ by orders
-of magnitude). After the burn-in P is fixed, so each chain is a plain preconditioned ULA chain.
+finite differences of the gradient, symmetrised, eigenvalues made positive and capped so that
+P never exceeds the initial preconditioner :math:`P_0`, e.g. the prior covariance), so that
+every chain moves on the posterior's own scales (the parameters of an image model differ by
+orders of magnitude). After the burn-in P is fixed, so each chain is a plain preconditioned
+ULA chain.
+
+The drift is *tamed*: in the whitened frame :math:`\eta = P^{1/2} w` the drift
+:math:`\tau P^{1/2} \nabla \log \pi` is shortened to norm at most 1 (one preconditioned
+unit per step). Far from the posterior, or while P is still too wide, this keeps the chains
+from exploding where the posterior is stiff; near equilibrium the drift has norm about
+:math:`\tau \sqrt{d}` and taming is inactive for :math:`\tau \sqrt d < 1`.
 
 Unadjusted Langevin has an :math:`O(\tau)` bias: for a Gaussian posterior with :math:`P =`
 its covariance, the chain's stationary covariance is :math:`P / (1 - \tau / 2)` (5% wider in
@@ -179,13 +187,14 @@ def _sqrt(p: Tensor) -> Tensor:
 
 
 def _hessian_preconditioner(
-    grad: Callable[[Tensor], Tensor], eta: Tensor, p: Tensor, h: float
+    grad: Callable[[Tensor], Tensor], eta: Tensor, p: Tensor, h: float, root0: Tensor
 ) -> Tensor:
     r"""Inverse of :math:`-\nabla^2 \log \pi` at eta (N, C, d) by central differences.
 
-    Steps h sqrt(diag P) per coordinate; the Hessian is symmetrised and its eigenvalues
-    replaced by their absolute values, floored at 1e-8 of the largest. A chain whose Hessian
-    is not finite keeps its P.
+    Steps h sqrt(diag P) per coordinate; the Hessian H is symmetrised and, in the frame of the
+    initial preconditioner :math:`P_0 = R_0^2`, the eigenvalues of :math:`R_0 H R_0` are
+    replaced by their absolute values floored at 1, so that the result never exceeds
+    :math:`P_0`. A chain whose Hessian is not finite keeps its P.
     """
     n, c, d = eta.shape
     steps = h * torch.diagonal(p, dim1=-2, dim2=-1).sqrt()  # (N, C, d)
@@ -199,11 +208,10 @@ def _hessian_preconditioner(
     finite = torch.isfinite(hess).flatten(-2).all(-1)  # (N, C)
     eye = torch.eye(d, dtype=hess.dtype, device=hess.device)
     hess = torch.where(finite[..., None, None], hess, eye)
-    values, vectors = torch.linalg.eigh(hess)
-    values = values.abs()
-    values = values.clamp_min(1e-8 * values.amax(-1, keepdim=True).clamp_min(1e-30))
-    inverse = (vectors / values.unsqueeze(-2)) @ vectors.mT
-    return torch.where(finite[..., None, None], inverse, p)
+    values, vectors = torch.linalg.eigh(root0 @ hess @ root0)
+    values = values.abs().clamp_min(1.0)
+    inverse = root0 @ (vectors / values.unsqueeze(-2)) @ vectors.mT @ root0
+    return torch.where(finite[..., None, None], 0.5 * (inverse + inverse.mT), p)
 
 
 def langevin(
@@ -243,7 +251,8 @@ def langevin(
         step_size: :math:`\tau > 0`, relative to the preconditioner.
         preconditioner: the constant matrix P: None (identity), or a tensor with shape (d,) or
             (N, d) (diagonal) or (d, d) or (N, d, d) (symmetric positive definite); with
-            ``adapt`` it is the start and sets the first finite-difference steps.
+            ``adapt`` it is the start, the upper bound of the adapted P (pass the prior
+            covariance) and sets the first finite-difference steps.
         adapt: how many times P is replaced by the inverse Hessian of the negative
             log-posterior at each chain's state, at evenly spaced steps of the first half of the
             burn-in (0: never; needs ``burn_in >= 2 * adapt``).
@@ -294,18 +303,19 @@ def langevin(
     def grad(e: Tensor) -> Tensor:
         return log_posterior_gradient(forward, noise, y, prior, e)
 
-    root = _sqrt(p)
+    root = root0 = _sqrt(p)
     kept = []
     total = burn_in + num_samples * thin
     for step in range(total):
         if step in adapt_at:
-            p = _hessian_preconditioner(grad, eta, p, fd_step)
+            p = _hessian_preconditioner(grad, eta, p, fd_step, root0)
             root = _sqrt(p)
-        g = grad(eta)
+        # whitened frame eta = R w: drift tau R g (tamed to norm <= 1), noise sqrt(2 tau) xi
+        drift = tau * (root @ grad(eta).unsqueeze(-1)).squeeze(-1)
+        drift = drift / drift.norm(dim=-1, keepdim=True).clamp_min(1.0)
         xi = torch.randn(eta.shape, generator=generator, device=eta.device, dtype=eta.dtype)
-        drift = (p @ g.unsqueeze(-1)).squeeze(-1)
-        kick = (root @ xi.unsqueeze(-1)).squeeze(-1)
-        eta = eta + tau * drift + math.sqrt(2 * tau) * kick
+        move = drift + math.sqrt(2 * tau) * xi
+        eta = eta + (root @ move.unsqueeze(-1)).squeeze(-1)
         if step >= burn_in and (step - burn_in + 1) % thin == 0:
             kept.append(eta)
     samples = torch.stack(kept, dim=2).reshape(n, c * num_samples, d)
