@@ -6,30 +6,47 @@ observations::
     shard_<first index>_<count>_<digest>.pt = {"format": "hierprior-bank-shard", "version": 1,
         "indices": LongTensor (n,), "samples": Tensor (n, S, *event_shape)}
 
-Shards are named by the observations they hold (never by a process rank), written to a
-temporary file and renamed into place, so a shard either exists whole or not at all; several
-processes (DDP ranks) can fill one bank. Opening a bank scans its shards: a shard that fails to
-load or to validate is moved to ``quarantine/`` and its observations count as not done, so they
-are recomputed and never used for training.
+Shards are named by the observations they hold (never by a process rank), so a bank filled by
+k processes equals the one filled by one, shard for shard. Each is written to a temporary file
+named after the writing rank (``.shard_<...>.pt.rank<r>.<random>.tmp``) and renamed into
+place, so a shard either exists whole or not at all; several processes (DDP ranks) can fill
+one bank. Opening a bank scans its shards: a shard that fails to load or to validate is moved
+to ``quarantine/`` and its observations count as not done, so they are recomputed and never
+used for training. :meth:`SampleBank.refresh` deletes the temporary files left by a killed
+writer: in a distributed run only this rank's own and stale ones (older than
+:data:`STALE_TMP_S`), never another rank's write in progress.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from hierprior.io import atomic_save
-
-__all__ = ["SampleBank"]
+__all__ = ["SampleBank", "rank_and_world"]
 
 log = logging.getLogger(__name__)
 
 SHARD_FORMAT = "hierprior-bank-shard"
+#: age (s) after which another rank's temporary shard file counts as left by a killed writer
+STALE_TMP_S = 3600.0
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process in torch.distributed's default group; (0, 1) when
+    it is not initialised (a single-process run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class SampleBank:
@@ -75,19 +92,36 @@ class SampleBank:
         qdir = self.path / "quarantine"
         qdir.mkdir(exist_ok=True)
         target = qdir / file.name
-        os.replace(file, target)
+        try:
+            os.replace(file, target)
+        except FileNotFoundError:  # another rank quarantined it first
+            return
         log.warning("bank shard %s failed to load (%s); moved to %s", file.name, reason, target)
 
     def refresh(self) -> None:
-        """Rescans the shard files (e.g. after other processes wrote some)."""
+        """Rescans the shard files (e.g. after other processes wrote some).
+
+        Temporary files of torn writes are deleted: all of them in a single-process run; in a
+        distributed one, this rank's and those older than :data:`STALE_TMP_S` only.
+        """
         self._done.zero_()
         self._shards.clear()
+        rank, world = rank_and_world()
+        now = time.time()
         for tmp in self.path.glob(".shard_*.tmp"):
-            tmp.unlink(missing_ok=True)  # torn writes of a killed process
+            try:
+                if world > 1 and f".rank{rank}." not in tmp.name:
+                    if now - tmp.stat().st_mtime < STALE_TMP_S:
+                        continue  # another rank's write in progress
+                tmp.unlink(missing_ok=True)  # torn writes of a killed process
+            except FileNotFoundError:
+                continue
         for file in sorted(self.path.glob("shard_*.pt")):
             try:
                 shard = torch.load(file, map_location="cpu", weights_only=True)
                 idx = self._validate(shard)
+            except FileNotFoundError:  # quarantined by another rank meanwhile
+                continue
             except Exception as err:  # any unreadable or inconsistent shard is quarantined
                 self._quarantine(file, str(err)[:200])
                 continue
@@ -116,9 +150,30 @@ class SampleBank:
         self._validate(shard)
         digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()[:8]
         name = f"shard_{int(indices[0]):07d}_{len(indices):05d}_{digest}.pt"
-        path = atomic_save(shard, self.path / name)
+        path = self._atomic_save(shard, self.path / name)
         self._shards[path] = indices
         self._done[indices] = True
+        return path
+
+    @staticmethod
+    def _atomic_save(obj, path: Path) -> Path:
+        """``torch.save`` via a temporary file named after this rank, fsync and rename."""
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        rank, _ = rank_and_world()
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.rank{rank}.", suffix=".tmp"
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         return path
 
     def load(self, device: torch.device | str | None = None) -> Tensor:

@@ -10,10 +10,20 @@ wait on, and linked as ``<run_dir>/initial_prior``; with ``paths.priors: null`` 
 into ``<run_dir>/initial_prior``. Then it runs :func:`~hierprior.em.run_em` in ``run_dir``.
 SIGUSR1/SIGUSR2 stop the run with its directory consistent (:mod:`hierprior.runs`);
 rerunning the same command continues the run.
+
+Several devices: ``hierprior-em trainer.devices=k trainer.strategy=ddp`` (``trainer=gpu`` on
+GPUs, ``trainer.accelerator=cpu`` on CPUs: gloo) runs one process per device. This process is
+rank 0; it starts ranks 1..k-1 itself (:func:`launch_ranks`: the same hydra job, rerun in
+single-run mode with its overrides, ``run_dir`` and ``hydra.run.dir=<run_dir>/.rank<r>``, where
+their log goes) with the environment ``torchrun`` would set, and ends them when it ends; under
+``torchrun --nproc-per-node=k`` (``WORLD_SIZE`` set) it starts nothing. Rank 0 holds the run
+directory's lock and trains the round-0 prior on one device (its cache key is that of the
+one-device config) while the others wait; then every rank runs :func:`~hierprior.em.run_em`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +35,9 @@ __all__ = [
     "PRIOR_KEY_IGNORED",
     "wandb_identity",
     "check_em_section",
+    "check_devices_section",
     "check_sampler_section",
+    "launch_ranks",
     "initial_prior_key",
     "run_from_config",
 ]
@@ -54,7 +66,8 @@ def check_sampler_section(cfg) -> None:
 
 
 #: keys of the ``train`` and ``trainer`` sections that do not change the trained prior (left out
-#: of its cache key): threads, workers, logging, checkpoint and sample-grid intervals
+#: of its cache key): threads, workers, logging, checkpoint and sample-grid intervals, and the
+#: strategy (the round-0 prior is trained on one device)
 PRIOR_KEY_IGNORED = {
     "train": ("num_workers", "num_threads", "loss_every", "sample_every", "ckpt_every"),
     "trainer": (
@@ -63,6 +76,7 @@ PRIOR_KEY_IGNORED = {
         "enable_checkpointing",
         "log_every_n_steps",
         "default_root_dir",
+        "strategy",
     ),
 }
 
@@ -263,6 +277,119 @@ def _set_progress(cfg, pieces) -> None:
             piece.progress = on
 
 
+def _trainer_dict(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    node = cfg.get("trainer") or {}
+    keys = ("accelerator", "devices", "strategy", "num_nodes")
+    return {k: OmegaConf.to_container(node, resolve=True)[k] for k in keys if k in node}
+
+
+def check_devices_section(cfg) -> int:
+    """The number of processes ``trainer`` asks for; a one-line ConfigError for several
+    devices with a strategy that is not DDP, or on several nodes (not supported)."""
+    from hierprior.em.estep import check_devices
+
+    trainer = _trainer_dict(cfg)
+    try:
+        count = check_devices(trainer, "hierprior-em")
+    except ValueError as err:
+        raise ConfigError(f"trainer: {first_line(err)}") from err
+    if int(trainer.get("num_nodes", 1) or 1) > 1:
+        raise ConfigError("trainer.num_nodes > 1 is not supported: run one node")
+    return count
+
+
+def _single_device(cfg):
+    """The config the round-0 prior is trained with in a multi-device run: its trainer on
+    one device (rank 0's), so the prior and its cache key are the one-device ones."""
+    import copy
+
+    from omegaconf import open_dict
+
+    from hierprior.em.estep import _is_gpu, local_device_index
+
+    trainer = _trainer_dict(cfg)
+    one = copy.deepcopy(cfg)
+    with open_dict(one):
+        one.trainer.devices = [local_device_index(trainer)] if _is_gpu(trainer) else 1
+        for key in ("strategy", "num_nodes"):
+            one.trainer.pop(key, None)
+    return one
+
+
+def launch_ranks(cfg, world: int) -> list:
+    """Starts ranks 1..world-1 of this hydra job (this process becomes rank 0) with the
+    environment of ``torchrun`` (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``); they die with this process. Returns their Popen objects."""
+    import ctypes
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(str(cfg.run_dir)).resolve()
+    overrides = []
+    if HydraConfig.initialized():
+        overrides = [
+            o
+            for o in HydraConfig.get().overrides.task
+            if not o.lstrip("+~").startswith("run_dir=")
+        ]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world)}
+    os.environ.update(common, RANK="0", LOCAL_RANK="0", NODE_RANK="0")
+
+    def die_with_parent() -> None:  # Linux: SIGTERM when rank 0 dies, however it dies
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    children = []
+    for rank in range(1, world):
+        command = [
+            sys.executable,
+            "-c",
+            "from hierprior.cli import em; em()",
+            *overrides,
+            f"run_dir={run_dir}",
+            f"hydra.run.dir={run_dir / f'.rank{rank}'}",
+            "hydra.output_subdir=null",
+        ]
+        env = dict(os.environ, **common, RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")
+        children.append(subprocess.Popen(command, env=env, preexec_fn=die_with_parent))
+    log.info("started ranks 1..%d of %d (pids %s)", world - 1, world, [c.pid for c in children])
+    return children
+
+
+def _watch(children: list) -> None:
+    """Ends this process (rank 0) when a rank it started fails: rank 0 would otherwise wait
+    at its next barrier for a rank that is gone."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            for child in children:
+                code = child.poll()
+                if code not in (None, 0):
+                    log.error("rank process %d exited with status %s; stopping", child.pid, code)
+                    for other in children:
+                        if other.poll() is None:
+                            other.terminate()
+                    os._exit(code if code > 0 else 1)
+            if all(c.poll() is not None for c in children):
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="hierprior-ranks").start()
+
+
 def run_from_config(cfg):
     """Runs EM as configured by a composed ``conf/em.yaml``; returns the EMResult.
 
@@ -282,6 +409,7 @@ def run_from_config(cfg):
             f"trainer.accelerator={cfg.trainer.accelerator} but CUDA is not available on this "
             "machine; use trainer=default (CPU)"
         )
+    world = check_devices_section(cfg)
     estep = instantiate_checked(cfg.em.estep, "em.estep")
     mstep = instantiate_checked(cfg.em.mstep, "em.mstep")
     monitor = instantiate_checked(cfg.em.monitor, "em.monitor")
@@ -306,10 +434,42 @@ def run_from_config(cfg):
     if threads:  # torch CPU threads for the whole run (1 is steadiest on a shared 2-core box)
         torch.set_num_threads(int(threads))
     run_dir = Path(str(cfg.run_dir))
-    # one live job per run directory; SIGUSR1/SIGUSR2 stop the run with its directory
-    # consistent (status 75, or submitit's requeue), and rerunning the command resumes it
-    with stop_on_signal(f"the EM run in {run_dir}"), hold_run_dir(run_dir):
-        return _run(cfg, run_dir, population, estep, mstep, monitor, stop)
+    if world == 1:
+        # one live job per run directory; SIGUSR1/SIGUSR2 stop the run with its directory
+        # consistent (status 75, or submitit's requeue), and rerunning the command resumes it
+        with stop_on_signal(f"the EM run in {run_dir}"), hold_run_dir(run_dir):
+            return _run(cfg, run_dir, population, estep, mstep, monitor, stop)
+    return _run_ranks(cfg, world, run_dir, population, estep, mstep, monitor, stop)
+
+
+def _run_ranks(cfg, world: int, run_dir: Path, *pieces):
+    """A multi-device run: this process's rank of ``world`` (started here when no launcher
+    set ``WORLD_SIZE``); rank 0 holds the run directory's lock."""
+    from hierprior.em.estep import init_distributed
+    from hierprior.runs import hold_run_dir, stop_on_signal
+
+    launched = os.environ.get("WORLD_SIZE")
+    if launched is not None and int(launched) != world:
+        raise ConfigError(
+            f"trainer asks for {world} devices but the launcher started {launched} processes"
+        )
+    children = launch_ranks(cfg, world) if launched is None else []
+    try:
+        if children:
+            _watch(children)
+        rank, _ = init_distributed(_trainer_dict(cfg))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(stop_on_signal(f"the EM run in {run_dir} (rank {rank})"))
+            if rank == 0:
+                stack.enter_context(hold_run_dir(run_dir))
+            result = _run(cfg, run_dir, *pieces)
+        for child in children:
+            child.wait()
+        return result
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
 
 
 def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
@@ -317,8 +477,17 @@ def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
     from omegaconf import OmegaConf
 
     from hierprior.em import run_em
+    from hierprior.em.bank import rank_and_world
+    from hierprior.em.estep import barrier
 
-    prior = _initial_prior(cfg, run_dir)
+    rank, world = rank_and_world()
+    if world == 1:
+        prior = _initial_prior(cfg, run_dir)
+    else:  # rank 0 trains it (one device) while the others wait, then they load it
+        if rank == 0:
+            _initial_prior(_single_device(cfg), run_dir)
+        barrier()
+        prior = _initial_prior(_single_device(cfg), run_dir)
     try:
         estep.check(prior, population)
         mstep.check(prior)
@@ -343,6 +512,7 @@ def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
         logger_options=logger_options,
         config={"population": OmegaConf.to_container(cfg.population, resolve=True)},
     )
-    print(f"\nEM run in {result.run_dir}: {result.stop_reason}\n")
-    print(result.table())
+    if rank == 0:
+        print(f"\nEM run in {result.run_dir}: {result.stop_reason}\n")
+        print(result.table())
     return result

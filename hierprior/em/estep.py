@@ -9,8 +9,13 @@ batch as one atomic shard, so a killed E-step resumes at the first missing batch
 draws from its own generator, seeded from (run seed, round, "estep", first observation of the
 batch): a resumed round equals an uninterrupted one.
 
-Several devices work: Lightning's distributed sampler gives each rank its own batches, and
-shards are named by observation indices, never by rank.
+Several devices (``trainer.devices = k``): one process per device, all running the same EM
+(``hierprior-em`` starts them, or ``torchrun --nproc-per-node=k``; see :func:`init_distributed`).
+The batches still to do are dealt out round robin, rank r taking batches r, r + k, ...; each
+rank runs them with a one-device Trainer on its own device (an E-step has no gradients to
+synchronise) and writes their shards, named by observation indices, never by rank; then all
+ranks meet (a barrier) before the completeness check. Since every batch draws from the
+generator of its first observation, a k-device bank equals the one-device bank shard for shard.
 
 Devices and precision: each batch of the population is moved to the device Lightning runs
 the prior on, and its samples are written to the bank on the CPU (``SampleBank.load(device)``
@@ -26,8 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator, Mapping
+from datetime import timedelta
 
 import pytorch_lightning as pl
 import torch
@@ -36,7 +43,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.em.bank import SampleBank
+from hierprior.em.bank import SampleBank, rank_and_world
 from hierprior.em.population import Population
 from hierprior.posterior import PosteriorMethod, posterior_method
 from hierprior.posterior.base import check_int
@@ -52,6 +59,12 @@ __all__ = [
     "inference_prior",
     "precision_scope",
     "estep_batches",
+    "barrier",
+    "check_devices",
+    "init_distributed",
+    "num_devices",
+    "rank_and_world",
+    "rank_zero_first",
 ]
 
 log = logging.getLogger(__name__)
@@ -144,6 +157,124 @@ def check_trainer(trainer: Mapping | None, allowed: tuple[str, ...], owner: str)
     if unknown:
         raise ValueError(f"{owner} trainer option(s) {unknown} not accepted; allowed: {allowed}")
     return trainer
+
+
+#: strategies of a multi-device run: one process per device, gradients synchronised by DDP
+DDP_STRATEGIES = ("auto", "ddp")
+#: how long a rank waits at a barrier (rank 0 may train the round-0 prior meanwhile)
+BARRIER_TIMEOUT = timedelta(hours=48)
+
+
+def _is_gpu(trainer: Mapping) -> bool:
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "auto":
+        return torch.cuda.is_available()
+    return accelerator in ("gpu", "cuda")
+
+
+def num_devices(trainer: Mapping | None) -> int:
+    """The number of processes a trainer config asks for: ``devices`` (a count, a list of
+    device ids, or ``-1``/``"auto"``: every GPU, one CPU) times ``num_nodes``."""
+    trainer = dict(trainer or {})
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif devices in ("auto", -1):
+        count = torch.cuda.device_count() if _is_gpu(trainer) else 1
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        count = devices
+    else:
+        raise ValueError(
+            f"trainer devices must be a count >= 1, a list or 'auto', got {devices!r}"
+        )
+    return max(1, count) * int(trainer.get("num_nodes", 1) or 1)
+
+
+def check_devices(trainer: Mapping | None, owner: str) -> int:
+    """The number of devices of a trainer config; a one-line ValueError when several devices
+    are asked for with a strategy other than DDP (``auto`` or ``ddp``)."""
+    count = num_devices(trainer)
+    strategy = (trainer or {}).get("strategy", "auto")
+    if count > 1 and str(strategy) not in DDP_STRATEGIES:
+        raise ValueError(
+            f"{owner} trainer devices={count} needs strategy ddp (one process per device), "
+            f"got strategy={strategy!r}"
+        )
+    return count
+
+
+def check_launched(trainer: Mapping | None, owner: str) -> None:
+    """A one-line RuntimeError when the trainer asks for k > 1 devices but this process is not
+    one of k processes (torch.distributed set up by ``hierprior-em`` or ``torchrun``)."""
+    count = check_devices(trainer, owner)
+    _, world = rank_and_world()
+    if world != max(count, 1) and (count > 1 or world > 1):
+        raise RuntimeError(
+            f"{owner} trainer devices={count} but this process is one of {world}: multi-device "
+            "EM runs one process per device; launch it with hierprior-em (which starts them) "
+            f"or torchrun --nproc-per-node={count}"
+        )
+
+
+def init_distributed(trainer: Mapping | None = None) -> tuple[int, int]:
+    """Sets up torch.distributed once, from the launcher's environment (``WORLD_SIZE``,
+    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``: ``torchrun`` or
+    ``hierprior-em``'s own launcher); gloo on the CPU, NCCL on GPUs (each rank on GPU
+    ``LOCAL_RANK``). A no-op without ``WORLD_SIZE > 1`` or when already set up.
+
+    Returns (rank, world size).
+    """
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
+        return rank_and_world()
+    gpu = _is_gpu(dict(trainer or {}))
+    if gpu:
+        torch.cuda.set_device(local_device_index(trainer))
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=BARRIER_TIMEOUT)
+    return rank_and_world()
+
+
+def local_device_index(trainer: Mapping | None) -> int:
+    """This rank's GPU: ``devices[LOCAL_RANK]`` for a list of device ids, else LOCAL_RANK."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    devices = (trainer or {}).get("devices")
+    if isinstance(devices, (list, tuple)):
+        return int(devices[local])
+    return local
+
+
+def barrier() -> None:
+    """All ranks meet here (nothing in a single-process run)."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
+def rank_zero_first(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0, a barrier, then on the other ranks (e.g. a rescan
+    that may quarantine files), and a barrier again (so that every rank has seen the same
+    files before any rank writes); returns this rank's result."""
+    rank, world = rank_and_world()
+    out = fn(*args, **kwargs) if rank == 0 else None
+    if world > 1:
+        barrier()
+        if rank != 0:
+            out = fn(*args, **kwargs)
+        barrier()
+    return out
+
+
+def one_device_trainer(trainer: Mapping) -> dict:
+    """Trainer arguments of one process's own device in a distributed run: GPU
+    :func:`local_device_index` or one CPU, strategy auto."""
+    out = {k: v for k, v in trainer.items() if k not in ("devices", "strategy", "num_nodes")}
+    out["devices"] = [local_device_index(trainer)] if _is_gpu(trainer) else 1
+    return out
 
 
 def estep_batches(num_obs: int, batch_size: int) -> list[Tensor]:
@@ -244,8 +375,20 @@ class EStep:
         self.num_samples = check_int(num_samples, "estep num_samples")
         self.batch_size = check_int(batch_size, "estep batch_size")
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "E-step")
+        check_devices(self.trainer, "E-step")
         self.progress = bool(progress)
         self.precision = check_precision(precision, "E-step")
+        self.local = False  # True: this rank alone (the monitor's E-step on rank 0)
+
+    @contextlib.contextmanager
+    def on_this_rank(self) -> Iterator[None]:
+        """Inside, the E-step runs every batch in this process alone, on its own device (in
+        a distributed run, the monitor's E-step on rank 0 while the others wait)."""
+        saved, self.local = self.local, True
+        try:
+            yield
+        finally:
+            self.local = saved
 
     def options(self) -> dict:
         """What identifies this E-step in a run directory (JSON-able); the precision only
@@ -274,19 +417,32 @@ class EStep:
         round_index: int,
         purpose: str = "estep",
     ) -> SampleBank:
-        """Fills the bank with posterior samples of every observation it does not hold yet."""
-        bank.refresh()
+        """Fills the bank with posterior samples of every observation it does not hold yet.
+
+        In a distributed run every rank calls it; rank r runs batches r, r + k, ... of those
+        still to do, and the ranks meet before the completeness check.
+        """
+        rank, world = (0, 1) if self.local else rank_and_world()
+        trainer = dict(self.trainer)
+        if world > 1 or self.local and rank_and_world()[1] > 1:
+            trainer = one_device_trainer(trainer)
+        if world > 1:
+            rank_zero_first(bank.refresh)  # rank 0 quarantines bad shards before the others
+        else:
+            bank.refresh()
         todo = [
             b for b in estep_batches(len(population), self.batch_size) if not bank.done[b].all()
         ]
         if not todo:
             return bank
         log.info(
-            "E-step round %d: %d batch(es) of up to %d observations",
+            "E-step round %d: %d batch(es) of up to %d observations%s",
             round_index,
             len(todo),
             self.batch_size,
+            f", rank {rank} of {world} runs {len(todo[rank::world])}" if world > 1 else "",
         )
+        todo = todo[rank::world]
         module = PosteriorSamplingModule(
             prior,
             population,
@@ -304,7 +460,7 @@ class EStep:
             enable_model_summary=False,
             callbacks=[BankWriter(bank)],
             inference_mode=False,
-            **self.trainer,
+            **trainer,
         )
         # an explicit generator: a DataLoader without one draws its base seed from the global RNG
         loader_seed = derive_seed(seed, round_index, purpose, "loader")
@@ -315,7 +471,10 @@ class EStep:
             generator=torch.Generator().manual_seed(loader_seed),
         )
         start = time.perf_counter()
-        runner.predict(module, dataloaders=loader, return_predictions=False)
+        if todo:
+            runner.predict(module, dataloaders=loader, return_predictions=False)
+        if world > 1:
+            barrier()  # every rank's shards are written
         log.info(
             "E-step round %d (%s) done in %.1f s",
             round_index,

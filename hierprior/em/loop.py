@@ -22,6 +22,14 @@ Run directory (rerunning the same call continues it; a different configuration i
                        monitor, in s, of the process that finished each), metrics.json (the
                        round's commit marker, written last)
 
+Several devices (``trainer.devices = k`` in the E- and M-step; ``hierprior-em`` starts the k
+processes, or ``torchrun --nproc-per-node=k``): every rank runs this loop. The E-step deals its
+batches out over the ranks, the M-step trains with DDP; rank 0 alone writes ``em_state.json``,
+``population.pt``, ``prior.ckpt``, ``train_state.pt``, the metrics, figures and wandb logs, and
+runs the monitor, while the other ranks wait at a barrier and then read what rank 0 wrote (the
+M-step's prior, the round's metrics for the stop rule). The ranks meet after opening the run
+directory, after each M-step's checkpoint, after each E-step and at the end of every round.
+
 Randomness: every stream derives from (run seed, round, purpose[, observation]) through
 :func:`hierprior.seeds.derive_seed`; the global RNG is never used, so any round is
 reproducible and a resumed round equals an uninterrupted one.
@@ -43,8 +51,14 @@ from torch import Tensor
 
 from hierprior.diffusion import EDMDenoiser, GaussianPrior, load_prior, save_prior
 from hierprior.diffusion.checkpoint import prior_to_dict
-from hierprior.em.bank import SampleBank
-from hierprior.em.estep import EStep
+from hierprior.em.bank import SampleBank, rank_and_world
+from hierprior.em.estep import (
+    EStep,
+    barrier,
+    check_launched,
+    init_distributed,
+    rank_zero_first,
+)
 from hierprior.em.monitor import Monitor
 from hierprior.em.mstep import GaussianMStep, NetworkMStep, default_mstep
 from hierprior.em.population import Population, tensor_fingerprint
@@ -132,13 +146,14 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _open_run_dir(run_dir: Path, identity: dict) -> dict:
+def _open_run_dir(run_dir: Path, identity: dict, probe: bool = True) -> dict:
     """The run directory's state; refuses a directory made with another configuration."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
+        if probe:
+            probe_file = run_dir / ".write_probe"
+            probe_file.write_text("ok")
+            probe_file.unlink()
     except OSError as err:
         raise PermissionError(f"the run directory {run_dir} is not writable: {err}") from err
     path = run_dir / "em_state.json"
@@ -168,18 +183,26 @@ def _timing(rdir: Path, key: str, start: float) -> float:
 
 
 def _mstep(mstep, previous, samples: Tensor, rdir: Path, *, seed: int, k: int, device):
-    """prior_k = M-step(prior_{k-1}, bank_{k-1}); reloaded from rdir once it is done."""
+    """prior_k = M-step(prior_{k-1}, bank_{k-1}); reloaded from rdir once it is done.
+
+    Distributed: every rank trains (DDP), rank 0 writes the prior, and after a barrier every
+    rank loads it."""
     done, state_file = rdir / "prior.ckpt", rdir / "train_state.pt"
-    if not done.exists():
+    rank, world = rank_and_world()
+    todo = not done.exists()
+    barrier()  # every rank has looked before rank 0 may write it
+    if todo:
         start = time.perf_counter()
         state = _load(rdir.parent / f"round_{k - 1:03d}" / "train_state.pt")
         new, state = mstep(
             previous, samples.to(device), rdir / "mstep", seed=seed, round_index=k, state=state
         )
-        if state is not None:
-            atomic_save(state, state_file)
-        save_prior(new, done, meta={"round": k})  # the M-step's commit marker
-        log.info("M-step round %d done in %.1f s", k, _timing(rdir, "mstep_s", start))
+        if rank == 0:
+            if state is not None:
+                atomic_save(state, state_file)
+            save_prior(new, done, meta={"round": k})  # the M-step's commit marker
+            log.info("M-step round %d done in %.1f s", k, _timing(rdir, "mstep_s", start))
+        barrier()  # prior.ckpt is written
     return load_prior(done, map_location=device)
 
 
@@ -188,13 +211,28 @@ def _load(path: Path) -> dict | None:
 
 
 def _estep(estep: EStep, prior, population: Population, rdir: Path, *, seed: int, k: int):
-    bank = SampleBank(rdir / "bank", len(population), estep.num_samples, population.signal_shape)
+    bank = rank_zero_first(
+        SampleBank, rdir / "bank", len(population), estep.num_samples, population.signal_shape
+    )
     if bank.is_complete():
         return bank
     start = time.perf_counter()
-    estep(prior, population, bank, seed=seed, round_index=k)
-    _timing(rdir, "estep_s", start)
+    estep(prior, population, bank, seed=seed, round_index=k)  # every rank; ends at a barrier
+    if rank_and_world()[0] == 0:
+        _timing(rdir, "estep_s", start)
     return bank
+
+
+class _NoReport:
+    """The report of ranks other than 0: they write and log nothing."""
+
+    def start(self) -> None: ...
+
+    def round(self, *args, **kwargs) -> None: ...
+
+    def replay(self, *args, **kwargs) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -269,6 +307,11 @@ def run_em(
         monitor = monitor if isinstance(monitor, Monitor) else Monitor(**dict(monitor or {}))
         monitor.evaluators += list(evaluators)
     estep, mstep, monitor, stop = build_pieces(prior, estep, mstep, monitor, stop)
+    init_distributed(estep.trainer)
+    check_launched(estep.trainer, "E-step")
+    if hasattr(mstep, "trainer"):
+        check_launched(mstep.trainer, "M-step")
+    rank, world = rank_and_world()
     quiet_lightning()
     estep.check(prior, population)
     mstep.check(prior)
@@ -276,6 +319,8 @@ def run_em(
         seed = generator.initial_seed() if generator is not None else 0
     seed = int(seed)
 
+    if run_dir is None and world > 1:
+        raise ValueError("a multi-device EM run needs a run_dir shared by its processes")
     run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="em_"))
     identity = json.loads(
         json.dumps(
@@ -293,12 +338,18 @@ def run_em(
             default=str,
         )
     )
-    state = _open_run_dir(run_dir, identity)
-    if not (run_dir / "population.pt").exists():
-        population.save(run_dir / "population.pt")
-    report = Report(run_dir, logger, logger_options, state, identity)
-    report.start()
-    atomic_write_text(run_dir / "em_state.json", json.dumps(state, indent=1))
+    if rank == 0:
+        state = _open_run_dir(run_dir, identity)
+        if not (run_dir / "population.pt").exists():
+            population.save(run_dir / "population.pt")
+        report = Report(run_dir, logger, logger_options, state, identity)
+        report.start()
+        atomic_write_text(run_dir / "em_state.json", json.dumps(state, indent=1))
+    else:
+        report = _NoReport()
+    barrier()  # the run directory is open (a refused one stops rank 0 and so the launch)
+    if rank != 0:
+        _open_run_dir(run_dir, identity, probe=False)
 
     device = device_of(prior)
     priors, metrics, banks = [prior], [], []
@@ -308,7 +359,7 @@ def run_em(
         for k in range(rounds + 1):
             rdir = run_dir / f"round_{k:03d}"
             if k == 0:
-                if not (rdir / "prior.ckpt").exists():
+                if rank == 0 and not (rdir / "prior.ckpt").exists():
                     save_prior(prior, rdir / "prior.ckpt", meta={"round": 0})
             else:
                 priors.append(
@@ -318,25 +369,29 @@ def run_em(
             banks.append(bank.path)
             samples = bank.load()
             done = rdir / "metrics.json"
-            if done.exists():  # a completed round
+            completed = done.exists()  # the same on every rank (rank 0 writes it, then a barrier)
+            if completed or rank != 0:
+                barrier()  # other ranks: rank 0 has measured the round (nothing when completed)
                 metrics.append(json.loads(done.read_text()))
-                report.replay(metrics[-1])  # a resumed offline wandb run logs it again
+                if completed:
+                    report.replay(metrics[-1])  # a resumed offline wandb run logs it again
             else:
                 start = time.perf_counter()
                 row, images = {"round": k}, {}
                 if k == 0:
                     images.update(monitor.population_grids(population, run_dir))
                 before = run_dir / f"round_{k - 1:03d}" / "prior_samples.pt"
-                measured, grids, prior_x = monitor(
-                    k,
-                    priors[-1],
-                    population,
-                    samples,
-                    estep,
-                    rdir,
-                    seed=seed,
-                    previous_prior_samples=_load(before) if k > 0 else None,
-                )
+                with estep.on_this_rank():  # the monitor's own E-step (TARP) on rank 0 alone
+                    measured, grids, prior_x = monitor(
+                        k,
+                        priors[-1],
+                        population,
+                        samples,
+                        estep,
+                        rdir,
+                        seed=seed,
+                        previous_prior_samples=_load(before) if k > 0 else None,
+                    )
                 row.update(measured)
                 images.update(grids)
                 if previous is not None:
@@ -347,6 +402,8 @@ def run_em(
                 metrics.append(row)
                 report.round(metrics, images)
                 log.info("EM round %d: %s", k, row)
+                if world > 1:
+                    barrier()  # the round is committed: the other ranks read its metrics
             previous = samples
             fired = stop.decide(metrics)
             if fired:

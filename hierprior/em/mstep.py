@@ -17,6 +17,15 @@ r"""M-step: refit the prior on the E-step's posterior samples.
 Randomness: the training noise and times come from the module's generator seeded with
 (run seed, round, "mstep", "noise"), the batch order from (run seed, round, "mstep",
 "shuffle"); the global RNG is neither read nor reseeded.
+
+Several devices (``trainer.devices = k``, one process per device, see
+:mod:`hierprior.em.estep`): Lightning's DDP, with the data split across ranks by the batch
+stream itself (:class:`~hierprior.training.datamodule.BatchStream` with ``rank``/``world_size``):
+optimiser step j uses global batch j of ``k * batch_size`` samples of the same shuffled
+stream, rank r taking its r-th slice of ``batch_size``. ``batch_size`` is per device, so the
+effective batch is ``k * batch_size`` (keep ``lr`` or scale it yourself). Every rank draws the
+same training noise stream (so a resumed M-step, which restores rank 0's generator state on
+every rank, continues exactly). Rank 0 writes the checkpoints and ``loss.csv``.
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion import EDMDenoiser, GaussianPrior
-from hierprior.em.estep import check_trainer
+from hierprior.em.bank import rank_and_world
+from hierprior.em.estep import check_devices, check_trainer, rank_zero_first
 from hierprior.posterior.base import check_int
 from hierprior.seeds import derive_seed
 
@@ -129,6 +139,7 @@ class NetworkMStep:
             )
         self.time_distribution = time_distribution
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "M-step")
+        check_devices(self.trainer, "M-step")
         self.progress = bool(progress)
 
     def options(self) -> dict:
@@ -205,6 +216,9 @@ class NetworkMStep:
             every_n_train_steps=self.checkpoint_every,
             enable_version_counter=False,
         )
+        distributed = {}
+        if rank_and_world()[1] > 1:  # the batch stream gives each rank its own slice
+            distributed["use_distributed_sampler"] = False
         runner = pl.Trainer(
             max_steps=self.steps,
             default_root_dir=workdir,
@@ -214,10 +228,13 @@ class NetworkMStep:
             gradient_clip_val=self.gradient_clip_val,
             enable_progress_bar=self.progress,
             enable_model_summary=False,
+            **distributed,
             **self.trainer,
         )
         last = ckpt_dir / "last.ckpt"
-        resume = str(last) if last.exists() and _readable_checkpoint(last) else None
+        # rank 0 quarantines an unreadable checkpoint before the other ranks look
+        rank_zero_first(lambda: last.exists() and _readable_checkpoint(last))
+        resume = str(last) if last.exists() else None
         runner.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
         raw_out = {k: v.detach().cpu() for k, v in module.denoiser.state_dict().items()}
         return module.sampling_prior(), {"raw": raw_out}

@@ -54,19 +54,38 @@ class BatchStream(Sampler[list[int]]):
     samples is left out of that pass) and ``perm_e`` is a permutation drawn by a generator
     seeded with ``seed`` and e. Iteration starts at batch ``start``.
 
+    Split across W processes (DDP, ``world_size = W``): global batch k is
+    ``perm_e[j W B : (j + 1) W B]`` with E = max(1, N // (W B)), and rank r yields its r-th
+    slice of B indices; the effective batch is W B. With W = 1 this is the stream above.
+
     Arguments:
         n: number of samples N.
-        batch_size: samples per batch B (at most N are used when N < B).
+        batch_size: samples per batch (per rank) B (at most N // W are used when N < W B).
         seed: seed of the permutations.
         start: index of the first batch produced by ``iter``.
+        rank, world_size: this process's rank and the number of processes W.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, start: int = 0):
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        seed: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         self.n = _check_int("n", n, 1)
-        self.batch_size = min(_check_int("batch_size", batch_size, 1), self.n)
+        self.world_size = _check_int("world_size", world_size, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.world_size or self.n < self.world_size:
+            raise ValueError(
+                f"rank {rank} of {world_size} processes needs rank < world_size <= n = {n}"
+            )
+        self.batch_size = min(_check_int("batch_size", batch_size, 1), self.n // self.world_size)
         self.seed = _check_int("seed", seed, 0)
         self.start = _check_int("start", start, 0)
-        self.batches_per_pass = max(1, self.n // self.batch_size)
+        self.batches_per_pass = max(1, self.n // (self.batch_size * self.world_size))
 
     def permutation(self, epoch: int) -> Tensor:
         """The permutation of pass ``epoch``, with shape (N,)."""
@@ -79,7 +98,8 @@ class BatchStream(Sampler[list[int]]):
             e, j = divmod(k, self.batches_per_pass)
             if e != epoch:
                 epoch, perm = e, self.permutation(e)
-            yield perm[j * self.batch_size : (j + 1) * self.batch_size].tolist()
+            first = (j * self.world_size + self.rank) * self.batch_size
+            yield perm[first : first + self.batch_size].tolist()
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -97,8 +117,12 @@ class TensorDataModule(pl.LightningDataModule):
             epoch-based loader (a seeded shuffle per epoch, the last incomplete batch dropped
             when N is larger than one batch).
 
-    Batches are tensors with shape (batch_size, *event_shape). Only single-device training
-    is supported with ``infinite=True`` (the stream is not sharded across processes).
+    Batches are tensors with shape (batch_size, *event_shape). With ``infinite=True`` under
+    DDP (the attached trainer's ``world_size`` > 1) each rank serves its slice of the stream
+    (:class:`BatchStream` with ``rank``/``world_size``; batch_size is per device, the
+    effective batch ``world_size * batch_size``); the Trainer must then be built with
+    ``use_distributed_sampler=False``. The epoch-based loader (``infinite=False``) is left to
+    Lightning's distributed sampler.
 
     Example:
         >>> dm = TensorDataModule(torch.randn(1000, 2), batch_size=128, seed=0)
@@ -161,7 +185,11 @@ class TensorDataModule(pl.LightningDataModule):
         # seeds) from the global RNG, which this module never touches
         fixed = torch.Generator().manual_seed(self.seed)
         if shuffle and self.infinite:
-            stream = BatchStream(len(data), self.batch_size, self.seed, self._batches_done())
+            trainer = getattr(self, "trainer", None)
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            stream = BatchStream(
+                len(data), self.batch_size, self.seed, self._batches_done(), rank, world
+            )
             # the sampler yields whole index batches, gathered by one indexing operation
             common.pop("collate_fn")
             return DataLoader(
