@@ -9,8 +9,7 @@ with the environment ``torchrun`` sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``
 - ``em``: a 1-round EM run (E-step, DDP M-step, monitor with its own TARP E-step on rank 0)
   in ``DIR``, which must be complete and hold rank 0's files only.
 
-Each test takes ~10-25 s on 2 CPU cores (in the default suite), except the one that runs
-``hierprior-em`` itself with 2 devices (marked slow).
+Each test takes ~10-25 s on 2 CPU cores; all are in the default suite.
 """
 
 from __future__ import annotations
@@ -169,10 +168,9 @@ def test_two_process_em_run_directory_is_complete(tmp_path):
     assert not [n for n in names if "rank" in n or n.endswith(".tmp")], names
 
 
-@pytest.mark.slow
 def test_hierprior_em_starts_its_ranks(tmp_path):
     """``hierprior-em trainer.devices=2 trainer.strategy=ddp trainer.accelerator=cpu`` on the
-    shrunk tiny experiment of tests/test_em_experiment.py (~1-2 min on 2 cores)."""
+    shrunk tiny experiment of tests/test_em_experiment.py (~25 s on 2 cores)."""
     from test_em_experiment import SHORT
 
     run = tmp_path / "run"
