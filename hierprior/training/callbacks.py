@@ -159,7 +159,7 @@ class LossCurve(pl.Callback):
         if step != self._last_step and step % self.every_n_steps == 0:
             self._flush(step)
         if self.write_every_n_steps and step % self.write_every_n_steps == 0:
-            if step != self._last_step:
+            if step != self._last_step and trainer.is_global_zero:  # one writer under DDP
                 self.write()
         self._last_step = step
 
