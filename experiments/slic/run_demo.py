@@ -15,8 +15,12 @@ likelihoods:
   part only);
 - **SLIC**: ``LearnedNoise`` around a diffusion model trained on 50,000 noise realisations by
   ``hierprior-train-prior experiment=slic_noise`` (the run is made here by
-  :func:`hierprior.training.fit_prior`, resumable), its score evaluated at the noise level
-  ``--smoothing``.
+  :func:`hierprior.training.fit_prior`, resumable: 5,000 steps of batch 64), its score
+  evaluated at the noise levels ``--smoothing`` (default s = 0.1 and 0.3).
+
+Langevin: 2 chains per observation from prior draws, 150 burn-in steps (the preconditioner
+adapted 3 times to the inverse Hessian, capped by the prior covariance), then 50 samples
+every 6 steps, tau = 0.1: 100 samples per observation, 200 observations.
 
 Scores: TARP (:func:`hierprior.metrics.tarp`, bootstrap band over observations), bias and
 spread of the z-scores (posterior mean - truth) / posterior sd, and the marginal coverage of
@@ -26,7 +30,10 @@ drawn from it (``LearnedNoise.sample``) with true ones.
 Usage::
 
     python experiments/slic/run_demo.py                      # trains, then infers
-    python experiments/slic/run_demo.py --train-steps 20 --n-obs 16 --out /tmp/slic  # smoke
+    python experiments/slic/run_demo.py --train-steps 20 --n-obs 16 --out /tmp/slic \
+        --run-dir /tmp/slic/run                              # smoke test, ~1 min
+    python experiments/slic/run_demo.py --no-slic --cosmic-ray-rate 0 --out /tmp/check
+        # the sampler check: Gaussian noise only, where "correlated Gaussian" is exact
 
 Writes ``results.md``, ``results.json``, ``coverage.png`` and ``noise.png`` to ``--out``
 (default experiments/slic) and the noise model's run to ``--run-dir``.
@@ -80,7 +87,7 @@ def blob_model(size: int) -> NonLinear:
     return NonLinear(fn, (4,), (1, size, size))
 
 
-def train_noise_model(run_dir: Path, steps: int | None) -> Path:
+def train_noise_model(run_dir: Path, steps: int | None, extra: list[str]) -> Path:
     """Trains (or resumes) the noise score model with hierprior-train-prior's config."""
     from hydra import compose, initialize_config_dir
 
@@ -94,6 +101,7 @@ def train_noise_model(run_dir: Path, steps: int | None) -> Path:
     ]
     if steps is not None:
         overrides += [f"train.steps={steps}", f"train.warmup={min(100, steps)}"]
+    overrides += extra
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train_prior", overrides=overrides)
     return fit_prior(cfg).prior
@@ -150,7 +158,7 @@ def noise_check(noise: LearnedNoise, size: int, n: int, seed: int) -> dict:
     return {"stats": out, "true": true[:8], "learned": learned[:8].double()}
 
 
-def plot(results: dict, check: dict, y: Tensor, out: Path) -> None:
+def plot(results: dict, check: dict | None, y: Tensor, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,7 +172,9 @@ def plot(results: dict, check: dict, y: Tensor, out: Path) -> None:
         ax.plot(a, e, color="C0", label="ECP")
         ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
         ax.set_title(
-            f"{name}\natc {r['atc']:+.3f}, ±2σ band holds the diagonal at {r['inside']:.0%}"
+            f"{name.replace(' (', chr(10) + '(')}\natc {r['atc']:+.3f}; diagonal inside the "
+            f"band at {r['inside']:.0%} of α",
+            fontsize=9,
         )
         ax.set_xlabel("credibility level α")
         ax.set_aspect("equal")
@@ -173,6 +183,8 @@ def plot(results: dict, check: dict, y: Tensor, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "coverage.png", dpi=110)
     plt.close(fig)
+    if check is None:
+        return
 
     fig, axes = plt.subplots(3, 8, figsize=(12, 4.8))
     rows = (
@@ -224,13 +236,28 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/train_prior/slic_noise"))
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--train-steps", type=int, default=None, help="override train.steps")
-    parser.add_argument("--n-obs", type=int, default=256)
+    parser.add_argument(
+        "--override", action="append", default=[], help="hydra override of the training config"
+    )
+    parser.add_argument("--n-obs", type=int, default=200)
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--samples", type=int, default=50, help="kept per chain")
-    parser.add_argument("--thin", type=int, default=4)
+    parser.add_argument("--thin", type=int, default=6)
     parser.add_argument("--burn-in", type=int, default=150)
-    parser.add_argument("--step-size", type=float, default=0.2)
-    parser.add_argument("--smoothing", type=float, default=0.1)
+    parser.add_argument("--step-size", type=float, default=0.1)
+    parser.add_argument(
+        "--smoothing", type=float, nargs="+", default=[0.1, 0.3], help="SLIC noise levels s"
+    )
+    parser.add_argument("--noise-samples", type=int, default=256, help="for the noise check")
+    parser.add_argument(
+        "--cosmic-ray-rate",
+        type=float,
+        default=NOISE["cosmic_ray_rate"],
+        help="of the observations (0: Gaussian noise only, the sampler check)",
+    )
+    parser.add_argument(
+        "--no-slic", action="store_true", help="skip the noise model (training, SLIC rows)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -239,7 +266,9 @@ def main() -> None:
     start = time.perf_counter()
 
     t0 = time.perf_counter()
-    ckpt = train_noise_model(args.run_dir, args.train_steps)
+    ckpt = (
+        None if args.no_slic else train_noise_model(args.run_dir, args.train_steps, args.override)
+    )
     timings = {"training": time.perf_counter() - t0}
     size = 16
     forward = blob_model(size).float()
@@ -250,7 +279,8 @@ def main() -> None:
     n = args.n_obs
     truth = loc + sd * torch.randn(n, 4, generator=g)
     # the observations' noise: a seed the training data (seed 0) never used
-    y = forward(truth) + noise_realisations(n, size, seed=10_000 + args.seed, **NOISE)
+    observed = {**NOISE, "cosmic_ray_rate": args.cosmic_ray_rate}
+    y = forward(truth) + noise_realisations(n, size, seed=10_000 + args.seed, **observed)
     init = loc + sd * torch.randn(n, args.chains, 4, generator=g)
 
     cov = correlated_noise_covariance(
@@ -259,14 +289,15 @@ def main() -> None:
         correlation_length=NOISE["correlation_length"],
     )
     oracle = GaussianPrior(torch.zeros(size * size, dtype=torch.float64), cov).float()
-    slic = LearnedNoise(load_prior(ckpt), 1.0, args.smoothing, batch_size=1024)
     likelihoods = {
         "white Gaussian": GaussianNoise(1.0),
         "correlated Gaussian (exact Σ, no cosmic rays)": LearnedNoise(
             oracle, 1.0, 0.01, obs_shape=(1, size, size)
         ),
-        f"SLIC (learned, s = {args.smoothing:g})": slic,
     }
+    denoiser = None if ckpt is None else load_prior(ckpt)
+    for s in args.smoothing if denoiser is not None else ():
+        likelihoods[f"SLIC (learned, s = {s:g})"] = LearnedNoise(denoiser, 1.0, s, batch_size=1024)
     results = {}
     for name, noise in likelihoods.items():
         t0 = time.perf_counter()
@@ -293,17 +324,20 @@ def main() -> None:
             flush=True,
         )
     t0 = time.perf_counter()
-    check = noise_check(slic, size, 512, args.seed)
+    check = None
+    if denoiser is not None:
+        check = noise_check(LearnedNoise(denoiser), size, args.noise_samples, args.seed)
     timings["noise check"] = time.perf_counter() - t0
     plot(results, check, y, args.out)
     timings["total"] = time.perf_counter() - start
 
     text = table(results, timings)
-    stats = check["stats"]
-    text += "\n\n| noise realisations | " + " | ".join(stats["true"]) + " |\n"
-    text += "| --- |" + " --- |" * len(stats["true"]) + "\n"
-    for name, row in stats.items():
-        text += f"| {name} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |\n"
+    stats = check["stats"] if check is not None else {}
+    if stats:
+        text += "\n\n| noise realisations | " + " | ".join(stats["true"]) + " |\n"
+        text += "| --- |" + " --- |" * len(stats["true"]) + "\n"
+        for name, row in stats.items():
+            text += f"| {name} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |\n"
     text += "\n" + ", ".join(f"{k}: {v:.0f} s" for k, v in timings.items()) + "\n"
     (args.out / "results.md").write_text(text)
     dump = {name: {k: v for k, v in r.items() if k != "tarp"} for name, r in results.items()}
