@@ -168,6 +168,7 @@ def test_two_process_em_run_directory_is_complete(tmp_path):
     assert not [n for n in names if "rank" in n or n.endswith(".tmp")], names
 
 
+@pytest.mark.slow  # ~22 s; the bank and run-directory tests stay in the default suite
 def test_hierprior_em_starts_its_ranks(tmp_path):
     """``hierprior-em trainer.devices=2 trainer.strategy=ddp trainer.accelerator=cpu`` on the
     shrunk tiny experiment of tests/test_em_experiment.py (~25 s on 2 cores)."""

@@ -317,6 +317,7 @@ def test_mnist_shift_runs_two_short_rounds_on_cuda(tmp_path):
 # ------------------------------------------------------------------------- the script
 
 
+@pytest.mark.slow  # the dry run takes ~55 s
 def test_gpu_check_dry_run_writes_its_report(tmp_path):
     """benchmarks/gpu_check.sh --dry-run: every step with tiny sizes on the CPU."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}

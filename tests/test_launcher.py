@@ -496,6 +496,7 @@ def test_local_sweep_runs_two_jobs_on_one_shared_prior(cli):
     print(f"2-job local sweep: {seconds:.1f} s")
 
 
+@pytest.mark.slow  # ~33 s; the 2-job sweep stays in the default suite
 def test_sigusr1_stops_a_run_cleanly_and_the_rerun_completes(cli):
     """SIGUSR1 while the round-0 prior trains: the run stops after an optimiser step with
     checkpoints/last.ckpt written, exits 75 with one line; the same command then resumes."""
