@@ -164,7 +164,7 @@ def plot(results: dict, check: dict | None, y: Tensor, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.8), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items()):
         t = r["tarp"]
         a, e, s = t.alpha.numpy(), t.ecp.numpy(), t.ecp_std.numpy()
