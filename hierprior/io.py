@@ -35,11 +35,15 @@ __all__ = [
 ]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes bytes to path via a temporary file in the same folder and ``os.replace``."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, tmp_tag: str = "") -> Path:
+    """Writes bytes to path via a temporary file in the same folder and ``os.replace``.
+
+    The temporary file is ``.<name>.<tmp_tag>*.tmp`` (a tag such as ``rank1.`` lets a process
+    tell its own leftovers from others').
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{tmp_tag}", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -58,11 +62,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` of obj, written atomically (never a torn file)."""
+def atomic_save(obj, path: str | os.PathLike, tmp_tag: str = "") -> Path:
+    """``torch.save`` of obj, written atomically (never a torn file); see atomic_write_bytes."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue(), tmp_tag)
 
 
 def device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -20,15 +20,15 @@ writer: in a distributed run only this rank's own and stale ones (older than
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from hierprior.io import atomic_save
 
 __all__ = ["SampleBank", "rank_and_world"]
 
@@ -150,30 +150,9 @@ class SampleBank:
         self._validate(shard)
         digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()[:8]
         name = f"shard_{int(indices[0]):07d}_{len(indices):05d}_{digest}.pt"
-        path = self._atomic_save(shard, self.path / name)
+        path = atomic_save(shard, self.path / name, tmp_tag=f"rank{rank_and_world()[0]}.")
         self._shards[path] = indices
         self._done[indices] = True
-        return path
-
-    @staticmethod
-    def _atomic_save(obj, path: Path) -> Path:
-        """``torch.save`` via a temporary file named after this rank, fsync and rename."""
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        rank, _ = rank_and_world()
-        fd, tmp = tempfile.mkstemp(
-            dir=path.parent, prefix=f".{path.name}.rank{rank}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buf.getvalue())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         return path
 
     def load(self, device: torch.device | str | None = None) -> Tensor:
