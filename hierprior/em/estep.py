@@ -42,11 +42,11 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from hierprior.checks import check_int
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.em.bank import SampleBank, rank_and_world
 from hierprior.em.population import Population
 from hierprior.posterior import PosteriorMethod, posterior_method
-from hierprior.posterior.base import check_int
 from hierprior.seeds import derive_seed
 
 __all__ = [

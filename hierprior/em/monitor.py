@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.diffusion import GaussianPrior, sample
 from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.em.bank import SampleBank
@@ -54,7 +55,6 @@ from hierprior.em.estep import check_precision, inference_prior, precision_scope
 from hierprior.em.population import Population
 from hierprior.io import atomic_write_text, device_of, is_image_shape, save_sample_grid
 from hierprior.metrics import mira, pqmass, residual_chi2, tarp
-from hierprior.posterior.base import check_int
 from hierprior.seeds import derived_generator
 
 __all__ = ["Monitor", "pqmass_metrics"]

@@ -41,10 +41,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.diffusion import EDMDenoiser, GaussianPrior
 from hierprior.em.bank import rank_and_world
 from hierprior.em.estep import check_devices, check_trainer, rank_zero_first
-from hierprior.posterior.base import check_int
 from hierprior.seeds import derive_seed
 
 __all__ = ["GaussianMStep", "NetworkMStep", "default_mstep"]

@@ -62,8 +62,8 @@ import math
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.em.monitor import pqmass_metrics
-from hierprior.posterior.base import check_int
 from hierprior.seeds import derived_generator
 
 __all__ = ["StopRule", "STOP_STATISTIC", "STOP_TESTS"]

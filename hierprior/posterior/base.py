@@ -50,6 +50,7 @@ import math
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_choice, check_float, check_int, check_optional_int
 from hierprior.diffusion.denoiser import Denoiser, expand_time
 from hierprior.diffusion.sampling import ETA_SAMPLERS, SAMPLERS, check_sampler
 from hierprior.io import device_dtype
@@ -93,38 +94,6 @@ class PosteriorSamplingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- checks
-
-
-def check_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_float(
-    value: object, name: str, minimum: float = 0.0, strict: bool = False, maximum=None
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    low_bad = value <= minimum if strict else value < minimum
-    if not math.isfinite(value) or low_bad or (maximum is not None and value > maximum):
-        rng = f"{'>' if strict else '>='} {minimum}" + (
-            f" and <= {maximum}" if maximum is not None else ""
-        )
-        raise ValueError(f"{name} must be finite and {rng}, got {value!r}")
-    return value
-
-
-def check_optional_int(value: object, name: str, minimum: int = 1) -> int | None:
-    """None (a default resolved later), or an integer >= minimum."""
-    return None if value is None else check_int(value, name, minimum)
-
-
-def check_choice(value: object, name: str, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {list(choices)}")
-    return value
 
 
 def check_model(prior: Denoiser, forward: ForwardModel) -> None:
