@@ -115,13 +115,15 @@ def check_em_section(cfg) -> None:
     em = cfg.get("em")
     if em is None:
         raise ConfigError("the config has no `em` section")
-    allowed = {"rounds", "initial_prior", "estep", "mstep", "monitor", "stop"}
+    allowed = {"rounds", "initial_prior", "oracle", "estep", "mstep", "monitor", "stop"}
     unknown = sorted(set(em) - allowed)
     if unknown:
         raise ConfigError(f"unknown em key(s) {unknown}; allowed: {sorted(allowed)}")
     rounds = em.get("rounds")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ConfigError(f"em.rounds must be an integer >= 0, got {rounds!r}")
+    if not isinstance(em.get("oracle", False), bool):
+        raise ConfigError(f"em.oracle must be true or false, got {em.get('oracle')!r}")
     path = em.get("initial_prior")
     if path is not None and not Path(str(path)).is_file():
         raise FileNotFoundError(f"em.initial_prior: no prior checkpoint at {path}")

@@ -172,6 +172,45 @@ def test_daps_against_the_exact_posterior(problem, likelihood_step, report):
     assert w2 < bound
 
 
+#: DAPS with the prior's Tweedie covariance (covariance="tweedie", exact likelihood step), same
+#: set-up as DAPS_W2_BOUND: 0.085 (0.073-0.114) over the same seeds (white: 0.410 there),
+#: bound = 1.3 x max.
+DAPS_TWEEDIE_W2_BOUND = 0.15
+
+
+def test_daps_with_the_tweedie_covariance_against_the_exact_posterior(problem, report):
+    prior, forward, noise, y, mean, cov = problem
+    n = 2
+    xs = sample_posterior(
+        prior, forward[:n], noise, y[:n], "daps", STEPS, S, gen(6), covariance="tweedie"
+    )
+    w2 = mean_w2(xs, mean[:n], cov[:n])
+    report(f"posterior W2: daps tweedie covariance {w2:.3f} (bound {DAPS_TWEEDIE_W2_BOUND})")
+    assert w2 < DAPS_TWEEDIE_W2_BOUND
+
+
+@pytest.mark.parametrize("covariance", ["white", "tweedie"])
+def test_daps_adds_no_noise_where_neither_prior_nor_data_reach(covariance):
+    """A rank-2 Gaussian prior in D = 8 seen through rank-2 views: a DAPS sample lies in the
+    span of the prior's support and the rows of A (the likelihood step's mean at the last time,
+    not a sample: a sample would add r_min ~ 0.01 of white noise in every direction). With the
+    Tweedie covariance it lies in the prior's support itself."""
+    g = gen(21)
+    d, m, n = 8, 2, 3
+    basis = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=F64))[0]  # (d, 2)
+    prior = GaussianPrior(torch.zeros(d, dtype=F64), basis @ basis.T + 1e-8 * torch.eye(d))
+    A = torch.randn(n, m, d, generator=g, dtype=F64)
+    forward, noise = DenseLinear(A), GaussianNoise(0.05)
+    y = forward(prior.sample(n, generator=g)) + noise.sample((n, m), generator=g, dtype=F64)
+    xs = sample_posterior(prior, forward, noise, y, "daps", 32, 16, gen(22),
+                          covariance=covariance, iterations=8)  # fmt: skip
+    span = basis if covariance == "tweedie" else None
+    for i in range(n):
+        q = span if span is not None else torch.linalg.qr(torch.cat([basis, A[i].T], 1))[0]
+        outside = xs[i] - (xs[i] @ q) @ q.T
+        assert float(outside.norm(dim=-1).max()) < 1e-4 * float(xs[i].norm(dim=-1).max())
+
+
 #: W2 (max over 2 observations) of one DAPS likelihood step to its Gaussian target, D=8, M=4,
 #: S=4000 (Langevin: 200 steps of lr 0.1): at the test's seed gen(16), range over it and
 #: seeds 401-408, bound = 1.3 x max. The target's sd is 0.19 (r2=0.05) and 0.52 (r2=0.5).

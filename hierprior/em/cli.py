@@ -150,12 +150,12 @@ def _train_prior(cfg, prior_dir: Path, name: str, run_dir: Path) -> None:
     atomic_write_text(prior_dir / "DONE", str(out.prior))
 
 
-def _link(run_dir: Path, prior_dir: Path) -> None:
-    """``<run_dir>/initial_prior``: a relative symlink to the cached prior (or a text file
-    ``initial_prior.path`` with its path where symlinks are not possible)."""
+def _link(run_dir: Path, prior_dir: Path, name: str = "initial_prior") -> None:
+    """``<run_dir>/<name>``: a relative symlink to the cached prior (or a text file
+    ``<name>.path`` with its path where symlinks are not possible)."""
     from hierprior.io import atomic_write_text
 
-    link = run_dir / "initial_prior"
+    link = run_dir / name
     target = os.path.relpath(prior_dir.resolve(), run_dir.resolve())
     if link.is_symlink() and os.readlink(link) == target:
         return
@@ -164,7 +164,7 @@ def _link(run_dir: Path, prior_dir: Path) -> None:
             link.unlink()
         link.symlink_to(target, target_is_directory=True)
     except OSError:
-        atomic_write_text(run_dir / "initial_prior.path", f"{prior_dir.resolve()}\n")
+        atomic_write_text(run_dir / f"{name}.path", f"{prior_dir.resolve()}\n")
 
 
 def _initial_prior(cfg, run_dir: Path):
@@ -172,8 +172,6 @@ def _initial_prior(cfg, run_dir: Path):
     ``${paths.priors}/<key>/`` (trained there once, under a lock other jobs wait on); or,
     with ``paths.priors: null``, trained into ``<run_dir>/initial_prior``."""
     from hierprior.diffusion import load_prior
-    from hierprior.io import atomic_write_text
-    from hierprior.runs import hold_run_dir
 
     if cfg.em.initial_prior:
         try:
@@ -192,19 +190,64 @@ def _initial_prior(cfg, run_dir: Path):
         _train_prior(cfg, own, f"{cfg.name}_initial_prior", run_dir)
         return load_prior(own / "prior.ckpt")
     digest, key = initial_prior_key(cfg)
-    prior_dir = Path(str(cache)) / digest
+    return _cached_prior(cfg, Path(str(cache)) / digest, key, "initial_prior", run_dir)
+
+
+def _cached_prior(cfg, prior_dir: Path, key: dict, name: str, run_dir: Path):
+    """The prior trained once by ``cfg`` into the cache entry ``prior_dir`` (under a lock other
+    jobs wait on; resumed when a job stopped), linked as ``<run_dir>/<name>``."""
+    from hierprior.io import atomic_write_text
+    from hierprior.runs import hold_run_dir
+
+    what = name.replace("_", " ")
     for _ in range(2):  # a second pass after quarantining an unreadable entry
         if not (prior_dir / "DONE").exists():
-            with hold_run_dir(prior_dir, wait=True, what="the round-0 prior"):
+            with hold_run_dir(prior_dir, wait=True, what=f"the {what}"):
                 if not (prior_dir / "DONE").exists():  # not trained by a job we waited for
                     atomic_write_text(prior_dir / "key.json", json.dumps(key, indent=1))
-                    log.info("training the round-0 prior %s into %s", digest, prior_dir)
-                    _train_prior(cfg, prior_dir, f"initial_prior_{digest}", run_dir)
+                    log.info("training the %s %s into %s", what, prior_dir.name, prior_dir)
+                    _train_prior(cfg, prior_dir, f"{name}_{prior_dir.name}", run_dir)
         prior = _load_or_quarantine(prior_dir)
         if prior is not None:
-            _link(run_dir, prior_dir)
+            _link(run_dir, prior_dir, name)
             return prior
-    raise RuntimeError(f"the round-0 prior in {prior_dir} could not be trained and loaded")
+    raise RuntimeError(f"the {what} in {prior_dir} could not be trained and loaded")
+
+
+def oracle_config(cfg, truths_path: Path):
+    """The round-0 prior's training config with the population's truths as its data."""
+    from omegaconf import OmegaConf, open_dict
+
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(sub):
+        value_range = sub.data.get("value_range", [-1.0, 1.0])
+        sub.data = {
+            "_target_": "hierprior.em.oracle.load_truths",
+            "path": str(truths_path),
+            "value_range": list(value_range),
+        }
+    return sub
+
+
+def _oracle(cfg, run_dir: Path, population):
+    """The oracle: the round-0 prior's network and training budget (``train``), trained
+    directly on the population's truths; cached like the round-0 prior under
+    ``${paths.priors}/oracle-<key>`` (key: the round-0 prior's config and the truths)."""
+    import hashlib
+
+    from hierprior.em.oracle import save_truths
+    from hierprior.em.population import tensor_fingerprint
+
+    _, key = initial_prior_key(cfg)
+    key = {**key, "data": {"truths": tensor_fingerprint(population.truth)}}
+    text = json.dumps(key, sort_keys=True, default=str)
+    digest = "oracle-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    cache = (cfg.get("paths") or {}).get("priors")
+    prior_dir = Path(str(cache)) / digest if cache else run_dir / "oracle_prior"
+    truths = prior_dir / "truths.pt"
+    if not truths.exists():
+        save_truths(population.truth, truths)
+    return _cached_prior(oracle_config(cfg, truths), prior_dir, key, "oracle_prior", run_dir)
 
 
 def wandb_identity(cfg, run_dir: Path) -> dict:
@@ -497,6 +540,15 @@ def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
         torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of the M-step
         torch.backends.cudnn.allow_tf32 = True
         prior, population = prior.cuda(), population.to("cuda")
+    oracle = None
+    if cfg.em.get("oracle") and population.truth is not None:
+        if world == 1:
+            oracle = _oracle(cfg, run_dir, population)
+        else:  # rank 0 trains it while the others wait
+            if rank == 0:
+                _oracle(_single_device(cfg), run_dir, population)
+            barrier()
+            oracle = _oracle(_single_device(cfg), run_dir, population)
     logger, logger_options = _logger(cfg, run_dir)
     result = run_em(
         prior,
@@ -511,6 +563,7 @@ def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
         logger=logger,
         logger_options=logger_options,
         config={"population": OmegaConf.to_container(cfg.population, resolve=True)},
+        oracle=None if oracle is None else oracle.to(population.y.device),
     )
     if rank == 0:
         print(f"\nEM run in {result.run_dir}: {result.stop_reason}\n")

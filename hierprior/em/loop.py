@@ -59,11 +59,11 @@ from hierprior.em.estep import (
     init_distributed,
     rank_zero_first,
 )
-from hierprior.em.monitor import Monitor
+from hierprior.em.monitor import Monitor, fidelity_columns
 from hierprior.em.mstep import GaussianMStep, NetworkMStep, default_mstep
 from hierprior.em.population import Population, tensor_fingerprint
 from hierprior.em.report import Report, metrics_table
-from hierprior.em.stop import StopRule
+from hierprior.em.stop import StopRule, long_lag_round
 from hierprior.io import atomic_save, atomic_write_text, device_of
 from hierprior.training.callbacks import quiet_lightning
 
@@ -206,6 +206,29 @@ def _mstep(mstep, previous, samples: Tensor, rdir: Path, *, seed: int, k: int, d
     return load_prior(done, map_location=device)
 
 
+def _reference(monitor: Monitor, population: Population, oracle, run_dir: Path, seed: int):
+    """The truths' and the oracle's measurements (:meth:`Monitor.reference`), once per run."""
+    path = run_dir / "reference.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if population.truth is None:
+        return {}
+    if oracle is not None:
+        oracle = oracle.to(population.truth.device)
+    with torch.no_grad():
+        row = monitor.reference(population, oracle, seed=seed)
+    atomic_write_text(path, json.dumps(row, indent=1))
+    return row
+
+
+def _earlier_bank(stop: StopRule, banks: list[Path], k: int, population, num_samples: int):
+    """The bank of round k // 2 for the stop rule's long-lag tests, or None."""
+    j = long_lag_round(k) if stop.long_lag else None
+    if j is None:
+        return None
+    return SampleBank(banks[j], len(population), num_samples, population.signal_shape).load()
+
+
 def _load(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
@@ -257,6 +280,7 @@ def run_em(
     num_samples: int | None = None,
     estep_batch_size: int | None = None,
     evaluators: Sequence[Callable[[Tensor], dict]] | None = None,
+    oracle=None,
 ) -> EMResult:
     """Learns a prior from a population of corrupted observations by Monte-Carlo EM.
 
@@ -283,6 +307,10 @@ def run_em(
         sampler, num_samples, estep_batch_size: a convenience that builds the E-step
             (``EStep(sampler, num_samples, batch_size)``) when ``estep`` is not given.
         evaluators: a convenience that adds evaluators to the monitor.
+        oracle: the same network trained with the same budget directly on the truths (the
+            upper bound of what EM can reach), or None. With it and truths, every round reports
+            the oracle's distance to the truths and the round's ``fidelity`` columns (see
+            :mod:`hierprior.em.monitor`); it is measured once, into ``reference.json``.
 
     Returns:
         :class:`EMResult`; ``result.prior`` is the prior the run returns.
@@ -334,6 +362,7 @@ def run_em(
                 "population": population.fingerprint(),
                 "initial_prior": _prior_fingerprint(prior),
                 "prior_type": type(prior).__name__,
+                **({} if oracle is None else {"oracle": _prior_fingerprint(oracle)}),
             },
             default=str,
         )
@@ -352,6 +381,7 @@ def run_em(
         _open_run_dir(run_dir, identity, probe=False)
 
     device = device_of(prior)
+    reference = _reference(monitor, population, oracle, run_dir, seed) if rank == 0 else {}
     priors, metrics, banks = [prior], [], []
     stop_round, reason = None, f"reached the maximum of {rounds} round(s)"
     previous = None  # the bank of the previous round, (N, S, *event)
@@ -393,9 +423,19 @@ def run_em(
                         previous_prior_samples=_load(before) if k > 0 else None,
                     )
                 row.update(measured)
+                row.update(reference)
+                row.update(
+                    fidelity_columns(row, metrics[0] if k > 0 else row, monitor.fidelity_metrics)
+                )
                 images.update(grids)
                 if previous is not None:
-                    row.update(stop.test(samples, previous, prior_x, seed=seed, round_index=k))
+                    earlier = _earlier_bank(stop, banks, k, population, estep.num_samples)
+                    row.update(
+                        stop.test(
+                            samples, previous, prior_x, seed=seed, round_index=k,
+                            earlier_bank=earlier,
+                        )
+                    )  # fmt: skip
                 atomic_save(prior_x, rdir / "prior_samples.pt")
                 _timing(rdir, "monitor_s", start)
                 atomic_write_text(done, json.dumps(row, indent=1))  # commits the round

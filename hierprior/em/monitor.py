@@ -15,9 +15,26 @@ p_{\theta_k}(x \mid y_i)` (the E-step of round k), the monitor logs:
   posterior), ``mira_z`` = (score - expected)/std: below about -3 over-confident or biased,
   above about +3 under-confident) on the first ``tarp_observations`` observations with
   ``tarp_samples`` posterior samples each (the bank's when it holds enough, else drawn by the
-  same E-step method).
+  same E-step method). With ``calibration_pool = k > 1`` both are computed on the samples and
+  truths average-pooled by k x k: calibration in any deterministic feature space is implied by
+  calibration of the full posterior, and a pooled image keeps the scales the data resolve
+  while the pixel-scale noise that no observation constrains (and which pins TARP's ECP at
+  1 in high dimension) averages out.
 - ``residual_chi2_nu_{mean,median,p90}``: the reduced chi2 of the bank's residuals per
   observation (averaged over its samples), over *observed* entries only (``forward.observed``).
+- ``noise_prior``, ``noise_posterior``: the white pixel noise of the prior samples and of the
+  bank (:func:`hierprior.evaluation.noise_level`: the robust scale of each image minus its
+  3 x 3 median filter, in units of its peak, averaged over images), image-shaped signals only.
+- with an **oracle** (the same network trained with the same budget directly on the truths:
+  the upper bound of what EM can reach; :meth:`Monitor.reference`): ``oracle_truth_chi2``
+  (its PQMass distance to the truths), ``truth_chi2_null`` (the mean of that test's
+  permutation null: the distance of two samples of one distribution), the evaluators'
+  metrics of the oracle's samples (``oracle_<metric>``) and of the truths
+  (``truths_<metric>``), ``noise_oracle``, ``noise_truths``, and the **fidelity** of the
+  round's prior, ``fidelity = (d_0 - d_k) / (d_0 - d_oracle)`` with d the PQMass chi2 to the
+  truths (1: as close as the oracle; 0: no closer than round 0), and
+  ``fidelity_<metric> = (m_k - m_0) / (m_oracle - m_0)`` for the evaluator metrics listed in
+  ``fidelity_metrics`` (:func:`fidelity_columns`).
 - any evaluators (callables mapping prior samples to scalars, e.g.
   :class:`~hierprior.evaluation.DigitShare`), any posterior evaluators (callables that also
   see the population, the bank and the round's folder, e.g.
@@ -41,13 +58,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from hierprior.checks import check_int
+from hierprior.checks import check_float, check_int
 from hierprior.diffusion import GaussianPrior, sample
 from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.em.bank import SampleBank
@@ -57,7 +75,7 @@ from hierprior.io import atomic_write_text, device_of, is_image_shape, save_samp
 from hierprior.metrics import mira, pqmass, residual_chi2, tarp
 from hierprior.seeds import derived_generator
 
-__all__ = ["Monitor", "pqmass_metrics"]
+__all__ = ["Monitor", "pqmass_metrics", "fidelity_columns"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +91,10 @@ def pqmass_metrics(
     generator: torch.Generator,
     paired: bool = False,
     groups: Tensor | None = None,
+    null_mean: bool = False,
 ) -> dict[str, float]:
-    """``{tag}_chi2`` and (with permutations) ``{tag}_pvalue`` of PQMass(x, y).
+    """``{tag}_chi2`` and (with permutations) ``{tag}_pvalue`` of PQMass(x, y) (and with
+    ``null_mean``, ``{tag}_chi2_null``: the mean of its permutation null).
 
     The number of references is capped at a quarter of the pooled samples. Degenerate samples
     (PQMass cannot be computed) give NaN with a warning: a monitor never stops a run.
@@ -98,6 +118,29 @@ def pqmass_metrics(
     out = {f"{tag}_chi2": float("nan") if r is None else float(r.chi2)}
     if permutations > 0:
         out[f"{tag}_pvalue"] = float("nan") if r is None else float(r.perm_pvalue)
+        if null_mean:
+            out[f"{tag}_chi2_null"] = float("nan") if r is None else float(r.null_chi2.mean())
+    return out
+
+
+def fidelity_columns(row: dict, first: dict, metrics: Sequence[str] = ()) -> dict:
+    """``fidelity`` (from ``truth_chi2``) and ``fidelity_<m>`` for the evaluator metrics m.
+
+    ``(v_0 - v_k) / (v_0 - v_oracle)`` for the PQMass distance (smaller is closer) and
+    ``(m_k - m_0) / (m_oracle - m_0)`` for a metric; ``row`` is round k's metrics (with the
+    ``oracle_*`` columns), ``first`` round 0's. NaN where round 0 equals the oracle.
+    """
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den != 0 and math.isfinite(num) and math.isfinite(den) else math.nan
+
+    out = {}
+    if "truth_chi2" in row and "oracle_truth_chi2" in row and "truth_chi2" in first:
+        d0, dk, do = first["truth_chi2"], row["truth_chi2"], row["oracle_truth_chi2"]
+        out["fidelity"] = ratio(d0 - dk, d0 - do)
+    for m in metrics:
+        if m in row and f"oracle_{m}" in row and m in first:
+            out[f"fidelity_{m}"] = ratio(row[m] - first[m], row[f"oracle_{m}"] - first[m])
     return out
 
 
@@ -121,6 +164,12 @@ class Monitor:
         progress: progress bars of the samplers.
         precision: of the prior sampler: ``"32-true"`` (default), ``"tf32"`` or
             ``"bf16-mixed"`` (CUDA only; a no-op on the CPU).
+        calibration_pool: TARP and MIRA on k x k average-pooled images (1: the full images;
+            image-shaped signals only).
+        fidelity_metrics: evaluator metrics that get a ``fidelity_<metric>`` column when the
+            run has an oracle (see :func:`fidelity_columns`).
+        noise_background: the value subtracted before the peak of the noise level is taken
+            (None: ``value_range[0]``, the empty sky; 0 for signed maps such as convergence).
     """
 
     def __init__(
@@ -140,6 +189,9 @@ class Monitor:
         progress: bool = False,
         posterior_evaluators: Sequence[Callable[..., dict]] = (),
         precision: str = "32-true",
+        calibration_pool: int = 1,
+        fidelity_metrics: Sequence[str] = (),
+        noise_background: float | None = None,
     ):
         self.num_prior_samples = check_int(num_prior_samples, "monitor num_prior_samples", 4)
         if method not in SAMPLERS:
@@ -171,6 +223,13 @@ class Monitor:
         self.value_range = (lo, hi)
         self.progress = bool(progress)
         self.precision = check_precision(precision, "monitor")
+        self.calibration_pool = check_int(calibration_pool, "monitor calibration_pool", 1)
+        self.fidelity_metrics = [str(m) for m in (fidelity_metrics or ())]
+        self.noise_background = (
+            lo
+            if noise_background is None
+            else check_float(noise_background, "monitor noise_background", -math.inf)
+        )
 
     def options(self) -> dict:
         keys = (
@@ -186,7 +245,48 @@ class Monitor:
         out = {k: getattr(self, k) for k in keys}
         if self.precision != "32-true":  # absent at fp32: older run directories stay valid
             out["precision"] = self.precision
+        if self.calibration_pool != 1:  # absent at 1: older run directories stay valid
+            out["calibration_pool"] = self.calibration_pool
         return out
+
+    def noise(self, images: Tensor) -> float:
+        """The mean white pixel noise of images (n, C, H, W) in units of their peaks."""
+        from hierprior.evaluation.structure import noise_level  # (evaluation imports em)
+
+        b = self.noise_background
+        x = images.detach().float().cpu().flatten(0, -4)[:, :1]
+        return float(noise_level(x, (b, b + 1.0)).mean())
+
+    def reference(self, population: Population, oracle, *, seed: int) -> dict:
+        """What a round is compared with: the truths' evaluator metrics and noise
+        (``truths_*``, ``noise_truths``) and, given an oracle prior (the same network trained
+        on the truths), its samples' PQMass distance to the truths (``oracle_truth_chi2``,
+        ``truth_chi2_null``), evaluator metrics (``oracle_*``) and noise (``noise_oracle``).
+        Its samples come from the monitor's sampler and a stream of their own."""
+        row: dict = {}
+        truth = population.truth
+        if truth is None:
+            return row
+        truth = truth.detach().cpu()
+        image = is_image_shape(population.signal_shape)
+        for ev in self.evaluators:
+            row.update({f"truths_{k}": float(v) for k, v in ev(truth).items()})
+        if image:
+            row["noise_truths"] = self.noise(truth)
+        if oracle is not None:
+            x = self.prior_samples(oracle, seed=seed, round_index=-1)
+            g = derived_generator(seed, -1, "monitor", "pqmass", "oracle")
+            pq = pqmass_metrics(
+                x, truth, "truth", num_refs=self.num_refs, re_tessellations=self.re_tessellations,
+                permutations=max(self.permutations, 1), generator=g, null_mean=True,
+            )  # fmt: skip
+            row["oracle_truth_chi2"] = pq["truth_chi2"]
+            row["truth_chi2_null"] = pq["truth_chi2_null"]
+            for ev in self.evaluators:
+                row.update({f"oracle_{k}": float(v) for k, v in ev(x).items()})
+            if image:
+                row["noise_oracle"] = self.noise(x)
+        return row
 
     # ------------------------------------------------------------------------ pieces
     def prior_samples(self, prior, *, seed: int, round_index: int) -> Tensor:
@@ -276,17 +376,20 @@ class Monitor:
             estep(prior, population[:n], bank, seed=seed, round_index=round_index, purpose="tarp")
             post = bank.load(device="cpu")
         post = post.detach().float().cpu()  # TARP and MIRA run on the CPU
+        truth = population.truth[:n].detach().float().cpu()
+        if self.calibration_pool > 1 and is_image_shape(population.signal_shape):
+            k = self.calibration_pool
+            post = torch.nn.functional.avg_pool2d(post.flatten(0, 1), k).unflatten(
+                0, post.shape[:2]
+            )
+            truth = torch.nn.functional.avg_pool2d(truth, k)
         g = derived_generator(seed, round_index, "monitor", "tarp")
-        r = tarp(post, population.truth[:n].float().cpu(), generator=g, bootstrap=0)
+        r = tarp(post, truth, generator=g, bootstrap=0)
         atomic_write_text(
             round_dir / "tarp.json",
             json.dumps({"alpha": r.alpha.tolist(), "ecp": r.ecp.tolist()}),
         )
-        m = mira(
-            post,
-            population.truth[:n].float().cpu(),
-            generator=derived_generator(seed, round_index, "monitor", "mira"),
-        )
+        m = mira(post, truth, generator=derived_generator(seed, round_index, "monitor", "mira"))
         return {
             "tarp_atc": float(r.atc),
             "tarp_ks": float(r.ks_stat),
@@ -330,6 +433,9 @@ class Monitor:
             err = samples.mean(1).to(truth) - truth
             row["posterior_mean_rmse"] = float(err.pow(2).flatten(1).mean(1).sqrt().mean())
         row.update(self.residuals(population, samples))
+        if is_image_shape(population.signal_shape):
+            row["noise_prior"] = self.noise(prior_x)
+            row["noise_posterior"] = self.noise(samples[:, 0])
         if truth is not None and self.tarp_observations > 0:
             row.update(
                 self.calibration(

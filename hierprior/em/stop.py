@@ -66,12 +66,21 @@ from hierprior.checks import check_int
 from hierprior.em.monitor import pqmass_metrics
 from hierprior.seeds import derived_generator
 
-__all__ = ["StopRule", "STOP_STATISTIC", "STOP_TESTS"]
+__all__ = ["StopRule", "STOP_STATISTIC", "STOP_TESTS", "LONG_TESTS", "long_lag_round"]
 
 #: the metric (p-value) the rule decides on, and its statistic
 STOP_STATISTIC = "stop_pvalue"
-#: the tests combined into it
+#: the tests combined into it (the ``fixedpoint_long_*`` ones from round 3 on, when the bank of
+#: round k // 2 is not the previous one)
 STOP_TESTS = ("fixedpoint_diff", "fixedpoint_pooled", "mstep_fit")
+LONG_TESTS = ("fixedpoint_long_diff", "fixedpoint_long_pooled")
+
+
+def long_lag_round(k: int) -> int | None:
+    """The earlier round whose bank round k is also compared with: k // 2, or None when that
+    is round k - 1 (already compared) or earlier rounds do not exist."""
+    j = k // 2
+    return j if 0 <= j < k - 1 else None
 
 
 class StopRule:
@@ -85,8 +94,10 @@ class StopRule:
         patience: consecutive rounds with p > level needed to fire.
         num_refs, re_tessellations: PQMass settings (references capped at a quarter of the
             pooled samples).
-        permutations: permutations of each null (>= 3 / level - 1, so that p <= level is
-            possible).
+        permutations: permutations of each null (>= 5 / level - 1, so that p <= level is
+            possible with the five tests combined from round 3 on).
+        long_lag: also compare bank k with bank k // 2 (``fixedpoint_long_*``): drift that
+            accumulates over several rounds, each below the resolution of one round.
     """
 
     def __init__(
@@ -97,6 +108,7 @@ class StopRule:
         num_refs: int = 100,
         re_tessellations: int = 50,
         permutations: int = 1000,
+        long_lag: bool = True,
     ):
         if isinstance(level, bool) or not isinstance(level, (int, float)):
             raise ValueError(f"stop level must be a number in (0, 1), got {level!r}")
@@ -108,7 +120,10 @@ class StopRule:
         self.num_refs = check_int(num_refs, "stop num_refs", 2)
         self.re_tessellations = check_int(re_tessellations, "stop re_tessellations", 1)
         self.permutations = check_int(permutations, "stop permutations", 1)
-        m = len(STOP_TESTS)
+        if not isinstance(long_lag, bool):
+            raise ValueError(f"stop long_lag must be true or false, got {long_lag!r}")
+        self.long_lag = long_lag
+        m = len(STOP_TESTS) + (len(LONG_TESTS) if long_lag else 0)
         if m / (1 + self.permutations) > self.level:  # the smallest Bonferroni p-value
             raise ValueError(
                 f"stop permutations={self.permutations} cannot give a p-value <= level="
@@ -122,7 +137,10 @@ class StopRule:
 
     def options(self) -> dict:
         keys = ("level", "min_rounds", "patience", "num_refs", "re_tessellations", "permutations")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if not self.long_lag:  # absent when on (the default): the run's identity records it
+            out["long_lag"] = False
+        return out
 
     def test(
         self,
@@ -132,22 +150,27 @@ class StopRule:
         *,
         seed: int,
         round_index: int,
+        earlier_bank: Tensor | None = None,
     ) -> dict:
-        """The three tests of round k and the decision p-value (see the module docstring).
+        """The tests of round k and the decision p-value (see the module docstring).
 
         Arguments:
             bank: the bank of round k, with shape (N, S, *event).
             previous_bank: the bank of round k-1, same shape.
             prior_samples: samples of the prior of round k, with shape (n, *event).
+            earlier_bank: the bank of round :func:`long_lag_round` (k), same shape, or None
+                (no long-lag tests).
 
-        Returns ``{test}_chi2`` and ``{test}_pvalue`` for the tests of :data:`STOP_TESTS`, and
-        ``stop_pvalue``.
+        Returns ``{test}_chi2`` and ``{test}_pvalue`` for the tests of :data:`STOP_TESTS`
+        (and of :data:`LONG_TESTS` with ``earlier_bank``, with ``fixedpoint_long_round``),
+        and ``stop_pvalue``.
         """
-        if bank.shape != previous_bank.shape:
-            raise ValueError(
-                f"the banks of rounds {round_index} and {round_index - 1} have shapes "
-                f"{tuple(bank.shape)} and {tuple(previous_bank.shape)}"
-            )
+        for other, j in ((previous_bank, round_index - 1), (earlier_bank, None)):
+            if other is not None and other.shape != bank.shape:
+                raise ValueError(
+                    f"the banks of rounds {round_index} and {j if j is not None else 'k // 2'} "
+                    f"have shapes {tuple(bank.shape)} and {tuple(other.shape)}"
+                )
         n, s = bank.shape[:2]
         x = bank.reshape(n * s, -1).double()
         y = previous_bank.reshape(n * s, -1).to(x)
@@ -162,12 +185,19 @@ class StopRule:
             "fixedpoint_pooled": ((x, y), paired),
             "mstep_fit": ((prior_samples.flatten(1), previous_bank[:, 0].flatten(1)), settings),
         }
+        tests = list(STOP_TESTS)
         out = {}
+        if self.long_lag and earlier_bank is not None:
+            z = earlier_bank.reshape(n * s, -1).to(x)
+            comparisons["fixedpoint_long_diff"] = ((x - z, z - x), paired)
+            comparisons["fixedpoint_long_pooled"] = ((x, z), paired)
+            tests += LONG_TESTS
+            out["fixedpoint_long_round"] = long_lag_round(round_index)
         for tag, ((a, b), options) in comparisons.items():
             g = derived_generator(seed, round_index, "stop", tag)
             out.update(pqmass_metrics(a, b, tag, generator=g, **options))
-        p = min(out[f"{tag}_pvalue"] for tag in STOP_TESTS)
-        out[STOP_STATISTIC] = min(1.0, len(STOP_TESTS) * p) if math.isfinite(p) else float("nan")
+        p = min(out[f"{tag}_pvalue"] for tag in tests)
+        out[STOP_STATISTIC] = min(1.0, len(tests) * p) if math.isfinite(p) else float("nan")
         return out
 
     def decide(self, metrics: list[dict]) -> str | None:

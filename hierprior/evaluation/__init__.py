@@ -1,11 +1,13 @@
 """Evaluation tools for hierprior experiments (digit and galaxy morphology classifiers)."""
 
 from hierprior.evaluation.digits import DigitClassifier, default_cache_dir, load_digit_classifier
-from hierprior.evaluation.evaluators import DigitShare, SpiralShare
+from hierprior.evaluation.evaluators import ArmStrength, DigitShare, SpiralShare
 from hierprior.evaluation.mass_map import MassMapMetrics, gaussian_smooth, power_spectrum
 from hierprior.evaluation.morphology import MorphologyClassifier, load_morphology_classifier
+from hierprior.evaluation.structure import arm_strength, compact_peaks, noise_level
 
 __all__ = [
+    "ArmStrength",
     "DigitClassifier",
     "DigitShare",
     "MassMapMetrics",
@@ -16,4 +18,7 @@ __all__ = [
     "load_digit_classifier",
     "load_morphology_classifier",
     "power_spectrum",
+    "arm_strength",
+    "compact_peaks",
+    "noise_level",
 ]

@@ -5,7 +5,9 @@ share of samples classified as a target set of digits (e.g. 5-9 for the MNIST 0-
 the classifier's mean confidence on them, and the share of each digit. :class:`SpiralShare`
 does the same for galaxy images with the cached morphology classifier
 (:mod:`hierprior.evaluation.morphology`): the shares of spirals (arms), armless disks and
-ellipticals.
+ellipticals. :class:`ArmStrength` measures the arms themselves, with no classifier: the mean
+deprojected log-spiral Fourier amplitude of the samples
+(:func:`hierprior.evaluation.structure.arm_strength`), which size or pixel noise cannot fake.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DigitShare", "SpiralShare"]
+__all__ = ["ArmStrength", "DigitShare", "SpiralShare"]
 
 
 class DigitShare:
@@ -153,4 +155,29 @@ class SpiralShare:
             "share_disk": float(shares[1]),
             "share_elliptical": float(shares[0]),
             "morphology_confidence": float(proba.max(-1).values.mean()),
+        }
+
+
+class ArmStrength:
+    """Mean arm strength of galaxy images (B, 1, H, W): the deprojected log-spiral Fourier
+    amplitude (:func:`hierprior.evaluation.structure.arm_strength`; spirals of the procedural
+    generator score ~0.2, armless disks and ellipticals ~0.01), and the share of images above
+    ``threshold``.
+
+    Arguments:
+        value_range: the images' value range (intensities are x - value_range[0]).
+        threshold: the arm strength above which an image counts as armed (``share_armed``).
+    """
+
+    def __init__(self, value_range: Sequence[float] = (0.0, 1.0), threshold: float = 0.08):
+        self.value_range = tuple(float(v) for v in value_range)
+        self.threshold = float(threshold)
+
+    def __call__(self, samples: Tensor) -> dict[str, float]:
+        from hierprior.evaluation.structure import arm_strength
+
+        a = arm_strength(samples, self.value_range)
+        return {
+            "arm_strength": float(a.mean()),
+            "share_armed": float((a > self.threshold).float().mean()),
         }
