@@ -102,6 +102,8 @@ class NetworkMStep:
         gradient_clip_val: gradient-norm clipping.
         checkpoint_every: optimiser steps between resumable ``last.ckpt`` checkpoints.
         time_distribution: training times, ``"lognormal"`` (EDM) or ``"uniform"``.
+        augment: ``None`` or ``"dihedral"`` (random rotations by quarter turns and flips of
+            the bank's images; see :class:`~hierprior.training.PriorModule`).
         trainer: Lightning Trainer arguments (``accelerator``, ``devices``, ``strategy``,
             ``num_nodes``, ``precision``, e.g. ``"bf16-mixed"`` on a GPU).
         progress: show Lightning's progress bar (``hierprior-em`` sets it from the ``progress``
@@ -121,6 +123,7 @@ class NetworkMStep:
         time_distribution: str = "lognormal",
         trainer: Mapping | None = None,
         progress: bool = False,
+        augment: str | None = None,
     ):
         self.steps = check_int(steps, "mstep steps", 1)
         self.batch_size = check_int(batch_size, "mstep batch_size", 1)
@@ -138,6 +141,11 @@ class NetworkMStep:
                 f"expected one of {list(TIME_DISTRIBUTIONS)}"
             )
         self.time_distribution = time_distribution
+        from hierprior.training.module import AUGMENTATIONS
+
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"unknown mstep augment {augment!r}; expected one of {AUGMENTATIONS}")
+        self.augment = augment
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "M-step")
         check_devices(self.trainer, "M-step")
         self.progress = bool(progress)
@@ -157,6 +165,7 @@ class NetworkMStep:
             "kind": "network",
             **{k: getattr(self, k) for k in keys},
             "precision": str(self.trainer.get("precision", "32-true")),
+            **({"augment": self.augment} if self.augment else {}),  # absent: older runs valid
         }
 
     def check(self, prior) -> None:
@@ -205,6 +214,7 @@ class NetworkMStep:
             time_distribution=self.time_distribution,
             ema_state_dict=prior.state_dict(),
             seed=seeds["noise"],
+            augment=self.augment,
         )
         flat = samples.reshape(-1, *samples.shape[2:]).float()
         data = TensorDataModule(flat, batch_size=self.batch_size, seed=seeds["shuffle"])

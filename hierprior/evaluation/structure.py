@@ -211,7 +211,11 @@ def _arm_chunk(x: Tensor, ms: Tensor, c: Tensor, radii: tuple[float, float], rin
     powers = []
     for colour in (0, 1):  # checkerboard halves: independent white noise
         half = inside * ((yy + xx) % 2 == colour).to(x.dtype)
-        norm = (half * mean).sum(1).clamp_min(1e-12)
+        # the ring means' light, at least 1% of the peak per pixel: an annulus without light
+        # (a compact or negative sample) cannot blow the normalised amplitude up
+        norm = torch.maximum((half * mean.clamp_min(0)).sum(1), 0.01 * half.sum(1)).clamp_min(
+            1e-12
+        )
         d = (half * delta).float()
         coeff = torch.einsum("bmcjk,bj->bmck", zm, d).flatten(1, 2).double()  # (b, modes, 2)
         power = coeff.pow(2).sum(-1) / norm[:, None] ** 2  # modes m-major

@@ -83,7 +83,7 @@ from hierprior.posterior.linalg import solve
 __all__ = ["DAPS", "daps_sample", "LIKELIHOOD_STEPS", "COVARIANCES"]
 
 LIKELIHOOD_STEPS = ("exact", "langevin")
-COVARIANCES = ("white", "tweedie")
+COVARIANCES = ("white", "tweedie", "hybrid")
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -98,11 +98,13 @@ def _exact_step(
     generator: torch.Generator | None,
     mean: bool = False,
     cov: Callable[[Tensor], Tensor] | None = None,
+    noise_cov: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     """A sample (with ``mean``: the mean) of N(x0, C) p(y | x) by perturb-and-solve, with
     C = r2 I (``cov=None``) or C = cov (the prior's Tweedie covariance, as a product)."""
     obs = observation
     cov = cov if cov is not None else (lambda v: r2 * v)
+    noise_cov = noise_cov if noise_cov is not None else cov
     if mean:
         z1 = x0
         y_z = obs.predict(z1)
@@ -111,7 +113,7 @@ def _exact_step(
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         # white: r eps; Tweedie: C eps / r = r J eps with J = alpha dD/dx_t, whose covariance
         # r^2 J^2 equals C where J is a projection (eigenvalues 0 or 1) and is below it between
-        z1 = x0 + cov(eps) / r2**0.5
+        z1 = x0 + noise_cov(eps) / r2**0.5
         y_z = obs.predict(z1)
         z2 = obs.expand_y(y_z) + obs.noise.sample(
             tuple(y_z.shape), generator=generator, device=y_z.device, dtype=y_z.dtype
@@ -229,15 +231,20 @@ def daps_sample(
         t = float(timesteps[i])
         a_t, s_t = (float(v) for v in prior.schedule.alpha_sigma(torch.tensor(t).double()))
         r2 = (s_t / a_t) ** 2
-        cov = None
+        cov = noise_cov = None
         if covariance == "tweedie":
             x0, cov = _tweedie(prior, x, t)
+        elif covariance == "hybrid":
+            x0, noise_cov = _tweedie(prior, x, t)
         else:
             grid = torch.linspace(t, 0.0, ode_steps + 1, dtype=torch.float64, device=x.device)
             x0 = ddim_sampler(prior, x.reshape(n * s, *event), grid, eta=0.0).reshape(x.shape)
         last = i == steps - 1  # the mean of the last likelihood step is the sample
         if likelihood_step == "exact":
-            x0y, fb = _exact_step(observation, x0, r2, iterations, generator, mean=last, cov=cov)
+            x0y, fb = _exact_step(
+                observation, x0, r2, iterations, generator, mean=last, cov=cov,
+                noise_cov=noise_cov,
+            )
             x0y = x0y.detach()
             fallbacks += fb
         else:

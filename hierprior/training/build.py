@@ -157,6 +157,7 @@ def build_module(cfg: DictConfig, denoiser: EDMDenoiser, ema_state_dict=None) ->
         ema_state_dict=ema_state_dict,
         betas=tuple(train.get("betas", (0.9, 0.999))),
         seed=int(cfg.seed),
+        augment=train.get("augment"),
     )
 
 
