@@ -77,7 +77,14 @@ def cheap_monitor(**options) -> Monitor:
 
 def never_stop() -> StopRule:
     """A cheap stop rule that cannot fire within the tests' rounds (every round runs)."""
-    return StopRule(min_rounds=100, level=0.05, permutations=59, re_tessellations=1, num_refs=10)
+    return StopRule(
+        min_rounds=100,
+        level=0.05,
+        permutations=59,
+        re_tessellations=1,
+        num_refs=10,
+        long_lag=False,
+    )
 
 
 @pytest.fixture
@@ -225,7 +232,14 @@ def test_gaussian_em_agrees_with_closed_form_and_approaches_the_population(
         estep=EStep("exact", num_samples=S, batch_size=100),
         mstep=GaussianMStep(),
         monitor=cheap_monitor(),
-        stop=StopRule(min_rounds=9, level=0.05, permutations=59, re_tessellations=1, num_refs=10),
+        stop=StopRule(
+            min_rounds=9,
+            level=0.05,
+            permutations=59,
+            re_tessellations=1,
+            num_refs=10,
+            long_lag=False,
+        ),  # fmt: skip
         rounds=8,
         run_dir=tmp_path / "run",
         seed=3,

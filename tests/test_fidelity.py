@@ -221,3 +221,24 @@ def test_stop_rule_needs_permutations_for_five_tests():
     with pytest.raises(ValueError, match="use at least 499 permutations"):
         StopRule(level=0.01, permutations=400)
     StopRule(level=0.01, permutations=400, long_lag=False)  # three tests: 299 suffice
+
+
+def test_mass_map_structure_recovers_a_multipole_and_counts_subhalos():
+    from hierprior.evaluation import MassMapStructure
+    from hierprior.physics.lensing.substructure import Multipole
+
+    n, fov, scale = 24, 3.84, 0.05
+    h = fov / n
+    c = (torch.arange(n, dtype=torch.float64) + 0.5) * h - fov / 2
+    x, y = c[None, :].expand(n, n), c[:, None].expand(n, n)
+    kappa = Multipole(3, 0.02, 0.3).convergence(x, y) + Multipole(4, -0.01, 1.0).convergence(x, y)
+    ev = MassMapStructure(kappa_scale=scale, kappa_fov=fov, threshold=0.05)
+    out = ev((kappa / scale)[None, None].expand(3, 1, n, n))
+    # the pixels of the annulus are not an exact quadrature: cross-talk between m of ~3e-4
+    assert out["multipole_m3"] == pytest.approx(0.02, rel=1e-3)
+    assert out["multipole_m4"] == pytest.approx(0.01, rel=1e-3)
+    bumps = torch.zeros(2, 1, n, n, dtype=torch.float64)
+    bumps[0, 0, 5, 5] = bumps[1, 0, 18, 4] = bumps[1, 0, 10, 20] = 0.2 / scale
+    out = ev(bumps)
+    assert out["peaks_per_map"] == pytest.approx(1.5)
+    assert out["peak_mass_median"] == pytest.approx(0.2 * h * h)

@@ -50,7 +50,7 @@ SHRINK = [
     "em.stop.num_refs=4",
     "em.stop.re_tessellations=3",
     "em.stop.level=0.2",
-    "em.stop.permutations=15",
+    "em.stop.permutations=24",
 ]
 
 

@@ -2,7 +2,12 @@
 
 from hierprior.evaluation.digits import DigitClassifier, default_cache_dir, load_digit_classifier
 from hierprior.evaluation.evaluators import ArmStrength, DigitShare, SpiralShare
-from hierprior.evaluation.mass_map import MassMapMetrics, gaussian_smooth, power_spectrum
+from hierprior.evaluation.mass_map import (
+    MassMapMetrics,
+    MassMapStructure,
+    gaussian_smooth,
+    power_spectrum,
+)
 from hierprior.evaluation.morphology import MorphologyClassifier, load_morphology_classifier
 from hierprior.evaluation.structure import arm_strength, compact_peaks, noise_level
 
@@ -11,6 +16,7 @@ __all__ = [
     "DigitClassifier",
     "DigitShare",
     "MassMapMetrics",
+    "MassMapStructure",
     "MorphologyClassifier",
     "SpiralShare",
     "default_cache_dir",
