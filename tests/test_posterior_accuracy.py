@@ -189,12 +189,16 @@ def test_daps_with_the_tweedie_covariance_against_the_exact_posterior(problem, r
     assert w2 < DAPS_TWEEDIE_W2_BOUND
 
 
-@pytest.mark.parametrize("covariance", ["white", "tweedie"])
-def test_daps_adds_no_noise_where_neither_prior_nor_data_reach(covariance):
+@pytest.mark.parametrize(
+    "covariance, perturbation", [("white", None), ("tweedie", None), ("white", "tweedie")]
+)
+def test_daps_adds_no_noise_where_neither_prior_nor_data_reach(covariance, perturbation):
     """A rank-2 Gaussian prior in D = 8 seen through rank-2 views: a DAPS sample lies in the
     span of the prior's support and the rows of A (the likelihood step's mean at the last time,
     not a sample: a sample would add r_min ~ 0.01 of white noise in every direction). With the
-    Tweedie covariance it lies in the prior's support itself."""
+    Tweedie covariance it lies in the prior's support itself; with the white solve and the
+    Tweedie perturbation no step puts noise outside the span (the white perturbation does,
+    and only the last step's mean removes it)."""
     g = gen(21)
     d, m, n = 8, 2, 3
     basis = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=F64))[0]  # (d, 2)
@@ -203,7 +207,8 @@ def test_daps_adds_no_noise_where_neither_prior_nor_data_reach(covariance):
     forward, noise = DenseLinear(A), GaussianNoise(0.05)
     y = forward(prior.sample(n, generator=g)) + noise.sample((n, m), generator=g, dtype=F64)
     xs = sample_posterior(prior, forward, noise, y, "daps", 32, 16, gen(22),
-                          covariance=covariance, iterations=8)  # fmt: skip
+                          covariance=covariance, perturbation=perturbation,
+                          iterations=8)  # fmt: skip
     span = basis if covariance == "tweedie" else None
     for i in range(n):
         q = span if span is not None else torch.linalg.qr(torch.cat([basis, A[i].T], 1))[0]

@@ -29,7 +29,11 @@ decouples the prior and the likelihood:
    the Tweedie covariance :math:`z_1 = \hat x_0 + C \varepsilon / r = \hat x_0 + r J
    \varepsilon` (:math:`J = \alpha_t \partial D/\partial x_t`, eigenvalues in [0, 1]),
    whose covariance :math:`r^2 J^2` equals C in the directions the prior pins (0) or leaves
-   free (1) and is below it in between. For any
+   free (1) and is below it in between. ``perturbation`` chooses the covariance of
+   :math:`z_1` apart from the solve's: ``covariance="white", perturbation="tweedie"`` keeps
+   the white model's mean (which follows the data where they are informative) and its spread
+   there (:math:`K \Sigma_y K^\top`), but spreads the directions the data leave free by the
+   prior's Tweedie covariance instead of :math:`r^2 I` (one VJP per step). For any
    differentiable A, ``likelihood_step="langevin"`` runs unadjusted Langevin dynamics from
    :math:`z_1` with per-observation step
    :math:`\eta = \mathrm{lr} / (r^{-2} + \min_j \sigma_{y,j}^{-2})` (white covariance only).
@@ -83,7 +87,7 @@ from hierprior.posterior.linalg import solve
 __all__ = ["DAPS", "daps_sample", "LIKELIHOOD_STEPS", "COVARIANCES"]
 
 LIKELIHOOD_STEPS = ("exact", "langevin")
-COVARIANCES = ("white", "tweedie", "hybrid")
+COVARIANCES = ("white", "tweedie")
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -101,7 +105,8 @@ def _exact_step(
     noise_cov: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     """A sample (with ``mean``: the mean) of N(x0, C) p(y | x) by perturb-and-solve, with
-    C = r2 I (``cov=None``) or C = cov (the prior's Tweedie covariance, as a product)."""
+    C = r2 I (``cov=None``) or C = cov (the prior's Tweedie covariance, as a product); the
+    perturbation z1 ~ N(x0, noise_cov) (default: C)."""
     obs = observation
     cov = cov if cov is not None else (lambda v: r2 * v)
     noise_cov = noise_cov if noise_cov is not None else cov
@@ -196,6 +201,7 @@ def daps_sample(
     iterations: int = 32,
     progress: bool = False,
     covariance: str = "white",
+    perturbation: str | None = None,
 ) -> tuple[Tensor, dict]:
     """Runs DAPS for N observations at once.
 
@@ -212,6 +218,8 @@ def daps_sample(
         iterations: CG iterations of the exact likelihood step.
         covariance: the Gaussian model of p(x0 | x_t): ``"white"`` (r_t^2 I) or ``"tweedie"``
             (the prior's Tweedie covariance; exact likelihood step, ``ode_steps=1``).
+        perturbation: the covariance of the exact step's perturbation, ``"white"`` or
+            ``"tweedie"``; None: ``covariance``.
 
     Returns:
         Samples with shape (N, S, *event), and diagnostics (``"fallbacks"``: CG rows that
@@ -232,17 +240,23 @@ def daps_sample(
         a_t, s_t = (float(v) for v in prior.schedule.alpha_sigma(torch.tensor(t).double()))
         r2 = (s_t / a_t) ** 2
         cov = noise_cov = None
-        if covariance == "tweedie":
-            x0, cov = _tweedie(prior, x, t)
-        elif covariance == "hybrid":
-            x0, noise_cov = _tweedie(prior, x, t)
+        if "tweedie" in (covariance, perturbation):
+            x0, tweedie = _tweedie(prior, x, t)
+            cov = tweedie if covariance == "tweedie" else None
+            noise_cov = {"tweedie": tweedie, "white": lambda v, r2=r2: r2 * v}.get(perturbation)
         else:
             grid = torch.linspace(t, 0.0, ode_steps + 1, dtype=torch.float64, device=x.device)
             x0 = ddim_sampler(prior, x.reshape(n * s, *event), grid, eta=0.0).reshape(x.shape)
         last = i == steps - 1  # the mean of the last likelihood step is the sample
         if likelihood_step == "exact":
             x0y, fb = _exact_step(
-                observation, x0, r2, iterations, generator, mean=last, cov=cov,
+                observation,
+                x0,
+                r2,
+                iterations,
+                generator,
+                mean=last,
+                cov=cov,
                 noise_cov=noise_cov,
             )
             x0y = x0y.detach()
@@ -276,6 +290,10 @@ class DAPS(PosteriorMethod):
         covariance: the Gaussian model of p(x0 | x_t): ``"white"`` (r_t^2 I, the paper) or
             ``"tweedie"`` (the prior's Tweedie covariance by VJPs; needs ``ode_steps=1`` and
             the exact likelihood step, i.e. a linear forward model and Gaussian noise).
+        perturbation: the covariance of the exact step's perturbation: None (that of
+            ``covariance``), ``"white"`` or ``"tweedie"`` (same requirements): with
+            ``covariance="white"``, the white model's data fit with the prior's spread where
+            the data leave it free (see the module docstring).
         spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
         batch_size: observations per chunk, or None.
     """
@@ -292,11 +310,15 @@ class DAPS(PosteriorMethod):
         lr: float = 0.1,
         iterations: int | None = None,
         covariance: str = "white",
+        perturbation: str | None = None,
         spacing: str = "edm",
         batch_size: int | None = None,
     ):
         super().__init__(steps, spacing=spacing, batch_size=batch_size)
         self.covariance = check_choice(covariance, "covariance", COVARIANCES)
+        if perturbation is not None:
+            check_choice(perturbation, "perturbation", COVARIANCES)
+        self.perturbation = perturbation
         self.ode_steps = check_int(ode_steps, "ode_steps")
         if likelihood_step is not None:
             check_choice(likelihood_step, "likelihood_step", LIKELIHOOD_STEPS)
@@ -304,12 +326,13 @@ class DAPS(PosteriorMethod):
         self.langevin_steps = check_int(langevin_steps, "langevin_steps")
         self.lr = check_float(lr, "lr", 0.0, strict=True)
         self.iterations = check_optional_int(iterations, "iterations")
-        if self.covariance == "tweedie":
+        if "tweedie" in (self.covariance, self.perturbation):
             if self.ode_steps != 1:
-                raise ValueError("daps covariance='tweedie' needs ode_steps=1 (the Tweedie mean)")
+                raise ValueError("daps with the Tweedie covariance needs ode_steps=1 (the mean)")
             if likelihood_step == "langevin":
                 raise ValueError(
-                    "daps covariance='tweedie' needs the exact likelihood step, not 'langevin'"
+                    "daps with the Tweedie covariance needs the exact likelihood step, not "
+                    "'langevin'"
                 )
 
     def check(self, prior: Denoiser, forward: ForwardModel) -> None:
@@ -318,10 +341,10 @@ class DAPS(PosteriorMethod):
             raise ValueError(
                 "likelihood_step='exact' needs a linear forward model; use 'langevin'"
             )
-        if self.covariance == "tweedie" and not forward.linear:
+        if "tweedie" in (self.covariance, self.perturbation) and not forward.linear:
             raise ValueError(
-                "daps covariance='tweedie' needs a linear forward model (the exact likelihood "
-                "step); use covariance='white' with likelihood_step='langevin'"
+                "daps with the Tweedie covariance needs a linear forward model (the exact "
+                "likelihood step); use covariance='white' with likelihood_step='langevin'"
             )
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
@@ -360,4 +383,5 @@ class DAPS(PosteriorMethod):
             iterations=opts["iterations"],
             progress=progress,
             covariance=self.covariance,
+            perturbation=self.perturbation,
         )
