@@ -264,7 +264,12 @@ def test_one_em_round_on_the_adapter(tmp_path):
             tarp_observations=0,
         ),
         stop=StopRule(
-            min_rounds=100, level=0.05, permutations=59, re_tessellations=1, num_refs=10
+            min_rounds=100,
+            level=0.05,
+            permutations=59,
+            re_tessellations=1,
+            num_refs=10,
+            long_lag=False,
         ),
         rounds=1,
         run_dir=tmp_path / "run",

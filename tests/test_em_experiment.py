@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 from hierprior.config import CONF_DIR, ConfigError
 from hierprior.em.cli import run_from_config
-from hierprior.em.stop import STOP_STATISTIC, STOP_TESTS
+from hierprior.em.stop import LONG_TESTS, STOP_STATISTIC, STOP_TESTS
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*LeafSpec.*"),
@@ -56,7 +56,7 @@ SHORT = [
     "em.stop.re_tessellations=3",
     # a level of its own (conf's is being tuned) and enough permutations to reach it
     "em.stop.level=0.2",
-    f"em.stop.permutations={math.ceil(len(STOP_TESTS) / 0.2)}",
+    f"em.stop.permutations={math.ceil((len(STOP_TESTS) + len(LONG_TESTS)) / 0.2)}",
 ]
 
 

@@ -67,12 +67,13 @@ population: {num_obs: 24}
 sampler: {steps: 3}
 em:
   rounds: 1
+  oracle: false  # the launcher's tests: one shared round-0 prior, no oracle
   estep: {batch_size: 12}
   mstep: {steps: 3, warmup_steps: 1, checkpoint_every: 2}
   monitor: {num_prior_samples: 24, steps: 2, num_refs: 4, re_tessellations: 3,
             permutations: 5, tarp_observations: 8, tarp_samples: 4, grid_size: 4,
             evaluators: []}
-  stop: {min_rounds: 2, num_refs: 4, re_tessellations: 3, level: 0.2, permutations: 15}
+  stop: {min_rounds: 2, num_refs: 4, re_tessellations: 3, level: 0.2, permutations: 25}
 """
 
 

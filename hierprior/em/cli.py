@@ -190,16 +190,17 @@ def _initial_prior(cfg, run_dir: Path):
         _train_prior(cfg, own, f"{cfg.name}_initial_prior", run_dir)
         return load_prior(own / "prior.ckpt")
     digest, key = initial_prior_key(cfg)
-    return _cached_prior(cfg, Path(str(cache)) / digest, key, "initial_prior", run_dir)
+    return _cached_prior(
+        cfg, Path(str(cache)) / digest, key, "initial_prior", run_dir, "round-0 prior"
+    )
 
 
-def _cached_prior(cfg, prior_dir: Path, key: dict, name: str, run_dir: Path):
+def _cached_prior(cfg, prior_dir: Path, key: dict, name: str, run_dir: Path, what: str):
     """The prior trained once by ``cfg`` into the cache entry ``prior_dir`` (under a lock other
     jobs wait on; resumed when a job stopped), linked as ``<run_dir>/<name>``."""
     from hierprior.io import atomic_write_text
     from hierprior.runs import hold_run_dir
 
-    what = name.replace("_", " ")
     for _ in range(2):  # a second pass after quarantining an unreadable entry
         if not (prior_dir / "DONE").exists():
             with hold_run_dir(prior_dir, wait=True, what=f"the {what}"):
@@ -247,7 +248,9 @@ def _oracle(cfg, run_dir: Path, population):
     truths = prior_dir / "truths.pt"
     if not truths.exists():
         save_truths(population.truth, truths)
-    return _cached_prior(oracle_config(cfg, truths), prior_dir, key, "oracle_prior", run_dir)
+    return _cached_prior(
+        oracle_config(cfg, truths), prior_dir, key, "oracle_prior", run_dir, "oracle prior"
+    )
 
 
 def wandb_identity(cfg, run_dir: Path) -> dict:
