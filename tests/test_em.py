@@ -205,6 +205,25 @@ def test_sample_bank_atomic_shards_and_quarantine(tmp_path, monkeypatch):
     assert torch.equal(reopened.load(), _bank_values(torch.arange(10)))
 
 
+def test_sample_bank_refresh_forgets_a_shard_torn_since_the_last_scan(tmp_path):
+    """A second refresh() of the same object rebuilds its done-index from the files: a shard
+    torn since the first scan counts as missing, and load() refuses instead of returning the
+    uninitialised rows."""
+    path = tmp_path / "bank"
+    bank = SampleBank(path, num_obs=6, num_samples=3, event_shape=(2,))
+    for idx in (torch.arange(0, 3), torch.arange(3, 6)):
+        bank.write(idx, _bank_values(idx))
+    bank.refresh()
+    assert bank.is_complete() and torch.equal(bank.load(), _bank_values(torch.arange(6)))
+    torn = sorted(path.glob("shard_*.pt"))[1]  # observations 3..5
+    torn.write_bytes(torn.read_bytes()[:50])
+    bank.refresh()
+    assert bank.missing().tolist() == [3, 4, 5] and not bank.is_complete()
+    assert bank.done.tolist() == [True, True, True, False, False, False]
+    with pytest.raises(RuntimeError, match="incomplete: 3 observation"):
+        bank.load()
+
+
 # ============================================================== Gaussian EM vs closed form
 
 # max |hierprior - closed form| / SE over the 8 rounds, measured over run seeds 0..15 (exact
@@ -395,6 +414,27 @@ def test_em_bad_input_is_refused_before_any_round(case, tmp_path):
     with pytest.raises(error, match=message):
         run_em(prior, pop, run_dir=tmp_path / "run", logger=None, **options)
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_run_em_evaluators_leave_the_callers_monitor_alone(tmp_path, no_metrics_plot):
+    pop, _, _ = gaussian_population(n=20, d=3, m=2, seed=1)
+    own = lambda x: {"own": 1.0}  # noqa: E731
+    monitor = cheap_monitor(num_refs=10, evaluators=[own])
+    kwargs = dict(sampler={"method": "exact"}, num_samples=2, stop=never_stop(), logger=None)
+    for run in ("a", "b"):  # the same Monitor object twice: no evaluator piles up
+        result = run_em(
+            standard_prior(3),
+            pop,
+            rounds=0,
+            monitor=monitor,
+            evaluators=[lambda x: {"extra": 2.0}],
+            run_dir=tmp_path / run,
+            **kwargs,
+        )
+        assert result.metrics[0]["own"] == 1.0 and result.metrics[0]["extra"] == 2.0
+        assert monitor.evaluators == [own]
+    with pytest.raises(TypeError, match="monitor evaluators must be callables"):
+        run_em(standard_prior(3), pop, evaluators=[1], run_dir=tmp_path / "c", **kwargs)
 
 
 def test_em_refuses_a_run_directory_it_cannot_write(tmp_path):

@@ -303,9 +303,10 @@ def run_em(
         if estep is not None:
             raise ValueError(f"give the E-step either as estep or as {sorted(shortcut)}")
         estep = shortcut
-    if evaluators:
-        monitor = monitor if isinstance(monitor, Monitor) else Monitor(**dict(monitor or {}))
-        monitor.evaluators += list(evaluators)
+    if evaluators:  # added to a copy: the caller's Monitor is left as it was
+        if not isinstance(monitor, Monitor):
+            monitor = Monitor(**dict(monitor or {}))
+        monitor = monitor.with_evaluators(evaluators)
     estep, mstep, monitor, stop = build_pieces(prior, estep, mstep, monitor, stop)
     init_distributed(estep.trainer)
     check_launched(estep.trainer, "E-step")

@@ -39,6 +39,7 @@ smaller than chi2(K-1)'s), so it is not reported as a p-value; ``*_chi2`` is the
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -101,6 +102,15 @@ def pqmass_metrics(
     return out
 
 
+def _callables(values: Sequence | None, name: str) -> list:
+    """A list of the callables in values, or a one-line TypeError."""
+    out = list(values or [])
+    for ev in out:
+        if not callable(ev):
+            raise TypeError(f"monitor {name} must be callables, got {type(ev)}")
+    return out
+
+
 class Monitor:
     """Per-round measurements of an EM run (see the module docstring).
 
@@ -157,20 +167,22 @@ class Monitor:
         self.tarp_observations = check_int(tarp_observations, "monitor tarp_observations", 0)
         self.tarp_samples = check_int(tarp_samples, "monitor tarp_samples", 2)
         self.grid_size = check_int(grid_size, "monitor grid_size", 1)
-        self.evaluators = list(evaluators or [])
-        for ev in self.evaluators:
-            if not callable(ev):
-                raise TypeError(f"monitor evaluators must be callables, got {type(ev)}")
-        self.posterior_evaluators = list(posterior_evaluators or [])
-        for ev in self.posterior_evaluators:
-            if not callable(ev):
-                raise TypeError(f"monitor posterior_evaluators must be callables, got {type(ev)}")
+        self.evaluators = _callables(evaluators, "evaluators")
+        self.posterior_evaluators = _callables(posterior_evaluators, "posterior_evaluators")
         lo, hi = (float(v) for v in value_range)
         if not hi > lo:
             raise ValueError(f"monitor value_range must satisfy a < b, got {value_range}")
         self.value_range = (lo, hi)
         self.progress = bool(progress)
         self.precision = check_precision(precision, "monitor")
+
+    def with_evaluators(self, evaluators: Sequence[Callable[[Tensor], dict]]) -> Monitor:
+        """A copy of this monitor with ``evaluators`` added after its own (this one is left
+        as it is)."""
+        out = copy.copy(self)
+        out.evaluators = [*self.evaluators, *_callables(evaluators, "evaluators")]
+        out.posterior_evaluators = list(self.posterior_evaluators)
+        return out
 
     def options(self) -> dict:
         keys = (
