@@ -47,6 +47,7 @@ from hierprior.diffusion.denoiser import Denoiser
 from hierprior.em.bank import SampleBank, rank_and_world
 from hierprior.em.population import Population
 from hierprior.posterior import PosteriorMethod, posterior_method
+from hierprior.runs import stop_point
 from hierprior.seeds import derive_seed
 
 __all__ = [
@@ -333,16 +334,22 @@ class PosteriorSamplingModule(pl.LightningModule):
 
 
 class BankWriter(BasePredictionWriter):
-    """Writes each predicted batch into the sample bank as one atomic shard."""
+    """Writes each predicted batch into the sample bank as one atomic shard.
 
-    def __init__(self, bank: SampleBank):
+    After each shard it passes :func:`hierprior.runs.stop_point` (phase = the E-step's
+    ``purpose``, ``"estep"`` or ``"tarp"``, of round ``round_index``).
+    """
+
+    def __init__(self, bank: SampleBank, round_index: int = 0, purpose: str = "estep"):
         super().__init__(write_interval="batch")
         self.bank = bank
+        self.round_index, self.purpose = int(round_index), str(purpose)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
         self.bank.write(prediction["indices"], prediction["samples"])
+        stop_point(self.purpose, self.round_index)
 
 
 class EStep:
@@ -458,7 +465,7 @@ class EStep:
             enable_checkpointing=False,
             enable_progress_bar=self.progress,
             enable_model_summary=False,
-            callbacks=[BankWriter(bank)],
+            callbacks=[BankWriter(bank, round_index, purpose)],
             inference_mode=False,
             **trainer,
         )

@@ -65,6 +65,7 @@ from hierprior.em.population import Population, tensor_fingerprint
 from hierprior.em.report import Report, metrics_table
 from hierprior.em.stop import StopRule
 from hierprior.io import atomic_save, atomic_write_text, device_of
+from hierprior.runs import stop_point
 from hierprior.training.callbacks import quiet_lightning
 
 __all__ = ["EMResult", "run_em", "build_pieces"]
@@ -378,6 +379,7 @@ def run_em(
                     report.replay(metrics[-1])  # a resumed offline wandb run logs it again
             else:
                 start = time.perf_counter()
+                stop_point("monitor", k)
                 row, images = {"round": k}, {}
                 if k == 0:
                     images.update(monitor.population_grids(population, run_dir))

@@ -45,6 +45,7 @@ from hierprior.checks import check_int
 from hierprior.diffusion import EDMDenoiser, GaussianPrior
 from hierprior.em.bank import rank_and_world
 from hierprior.em.estep import check_devices, check_trainer, rank_zero_first
+from hierprior.runs import stop_point
 from hierprior.seeds import derive_seed
 
 __all__ = ["GaussianMStep", "NetworkMStep", "default_mstep"]
@@ -224,7 +225,11 @@ class NetworkMStep:
             default_root_dir=workdir,
             logger=False,
             # the loss of every step into workdir/loss.csv (state saved in last.ckpt)
-            callbacks=[checkpoint, LossCurve(workdir, 1, self.checkpoint_every)],
+            callbacks=[
+                checkpoint,
+                LossCurve(workdir, 1, self.checkpoint_every),
+                StopPoint("mstep", round_index),
+            ],
             gradient_clip_val=self.gradient_clip_val,
             enable_progress_bar=self.progress,
             enable_model_summary=False,
@@ -238,6 +243,16 @@ class NetworkMStep:
         runner.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
         raw_out = {k: v.detach().cpu() for k, v in module.denoiser.state_dict().items()}
         return module.sampling_prior(), {"raw": raw_out}
+
+
+class StopPoint(pl.Callback):
+    """Passes :func:`hierprior.runs.stop_point` (``phase``, round) after every optimiser step."""
+
+    def __init__(self, phase: str, round_index: int):
+        self.phase, self.round_index = phase, int(round_index)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop_point(self.phase, self.round_index)
 
 
 def _readable_checkpoint(path: Path) -> bool:
