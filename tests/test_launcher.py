@@ -61,7 +61,7 @@ TINY_LOCAL = """\
 logger: null
 trainer: {enable_progress_bar: false, enable_model_summary: false}
 data: {source: bundled}
-train: {steps: 4, warmup: 1, ckpt_every: 0, num_threads: 1}
+train: {steps: 4, warmup_steps: 1, checkpoint_every: 0, num_threads: 1}
 sample: {n: 4, steps: 2}
 population: {num_obs: 24}
 sampler: {steps: 3}
@@ -264,7 +264,7 @@ def test_prior_key_ignores_what_does_not_change_the_prior():
         "name=other",
         "run_dir=/elsewhere",
         "train.num_threads=2",
-        "train.ckpt_every=7",
+        "train.checkpoint_every=7",
         "trainer.enable_progress_bar=false",
     ]
     for override in same:
@@ -532,7 +532,7 @@ def test_local_sweep_runs_two_jobs_on_one_shared_prior(cli):
 def test_sigusr1_stops_a_run_cleanly_and_the_rerun_completes(cli):
     """SIGUSR1 while the round-0 prior trains: the run stops after an optimiser step with
     checkpoints/last.ckpt written, exits 75 with one line; the same command then resumes."""
-    args = ["train.steps=80", "train.ckpt_every=10", "run_dir=run"]
+    args = ["train.steps=80", "train.checkpoint_every=10", "run_dir=run"]
     start = time.perf_counter()
     proc = cli.start(*args)
     priors = cli.root / "runs" / "priors"
@@ -578,7 +578,7 @@ def test_a_signalled_sweep_job_is_requeued_by_submitit_and_completes(cli):
         "-m",
         "hydra/launcher=local",
         "train.steps=150",
-        "train.ckpt_every=10",
+        "train.checkpoint_every=10",
         "population.forward.missing_fraction=0.4,0.7",
     )
     priors = cli.root / "runs" / "priors"

@@ -69,7 +69,7 @@ def check_sampler_section(cfg) -> None:
 #: of its cache key): threads, workers, logging, checkpoint and sample-grid intervals, and the
 #: strategy (the round-0 prior is trained on one device)
 PRIOR_KEY_IGNORED = {
-    "train": ("num_workers", "num_threads", "loss_every", "sample_every", "ckpt_every"),
+    "train": ("num_workers", "num_threads", "loss_every", "sample_every", "checkpoint_every"),
     "trainer": (
         "enable_progress_bar",
         "enable_model_summary",

@@ -32,39 +32,28 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from hierprior.checks import check_int
+from hierprior.checks import check_choice, check_float, check_int, check_positive
 from hierprior.diffusion import EDMDenoiser, GaussianPrior
 from hierprior.em.bank import rank_and_world
 from hierprior.em.estep import check_devices, check_trainer, rank_zero_first
 from hierprior.runs import stop_point
 from hierprior.seeds import derive_seed
+from hierprior.training.module import TIME_DISTRIBUTIONS, check_betas
 
 __all__ = ["GaussianMStep", "NetworkMStep", "default_mstep"]
 
 log = logging.getLogger(__name__)
 
-TIME_DISTRIBUTIONS = ("lognormal", "uniform")
 #: Lightning Trainer arguments an M-step takes
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision")
-
-
-def _float(value: object, name: str, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"mstep {name} must be a number, got {value!r}")
-    value = float(value)
-    if not (value >= low and (high is None or value < high)):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"mstep {name} must be {bound}, got {value}")
-    return value
 
 
 class GaussianMStep:
@@ -75,7 +64,7 @@ class GaussianMStep:
     """
 
     def __init__(self, min_eigenvalue: float = 1e-6):
-        self.min_eigenvalue = _float(min_eigenvalue, "min_eigenvalue", 0.0)
+        self.min_eigenvalue = check_float(min_eigenvalue, "mstep min_eigenvalue")
 
     def options(self) -> dict:
         return {"kind": "gaussian", "min_eigenvalue": self.min_eigenvalue}
@@ -98,7 +87,8 @@ class NetworkMStep:
     Arguments:
         steps: optimiser steps per round.
         batch_size: samples per optimiser step.
-        lr, weight_decay, warmup_steps: AdamW settings and linear warm-up (fresh every round).
+        lr, weight_decay, betas, warmup_steps: AdamW settings and linear warm-up (fresh every
+            round); the names of the round-0 prior's ``train`` section (one vocabulary).
         ema_decay: decay of the EMA of the weights (warm started from the previous prior).
         gradient_clip_val: gradient-norm clipping.
         checkpoint_every: optimiser steps between resumable ``last.ckpt`` checkpoints.
@@ -115,6 +105,7 @@ class NetworkMStep:
         batch_size: int = 64,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
+        betas: Sequence[float] = (0.9, 0.999),
         warmup_steps: int = 0,
         ema_decay: float = 0.99,
         gradient_clip_val: float = 1.0,
@@ -125,20 +116,21 @@ class NetworkMStep:
     ):
         self.steps = check_int(steps, "mstep steps", 1)
         self.batch_size = check_int(batch_size, "mstep batch_size", 1)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-            raise ValueError(f"mstep lr must be > 0 and finite, got {lr!r}")
-        self.lr = float(lr)
-        self.weight_decay = _float(weight_decay, "weight_decay", 0.0)
+        self.lr = check_positive(lr, "mstep lr")
+        self.weight_decay = check_float(weight_decay, "mstep weight_decay")
         self.warmup_steps = check_int(warmup_steps, "mstep warmup_steps", 0)
-        self.ema_decay = _float(ema_decay, "ema_decay", 0.0, 1.0)
-        self.gradient_clip_val = _float(gradient_clip_val, "gradient_clip_val", 0.0)
+        self.ema_decay = check_float(
+            ema_decay, "mstep ema_decay", 0.0, maximum=1.0, strict_maximum=True
+        )
+        self.gradient_clip_val = check_float(gradient_clip_val, "mstep gradient_clip_val")
         self.checkpoint_every = check_int(checkpoint_every, "mstep checkpoint_every", 1)
-        if time_distribution not in TIME_DISTRIBUTIONS:
-            raise ValueError(
-                f"unknown mstep time_distribution {time_distribution!r}; "
-                f"expected one of {list(TIME_DISTRIBUTIONS)}"
-            )
-        self.time_distribution = time_distribution
+        self.time_distribution = check_choice(
+            time_distribution, "mstep time_distribution", TIME_DISTRIBUTIONS
+        )
+        try:
+            self.betas = check_betas(betas)
+        except ValueError as err:
+            raise ValueError(f"mstep {err}") from None
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "M-step")
         check_devices(self.trainer, "M-step")
         self.progress = bool(progress)
@@ -149,6 +141,7 @@ class NetworkMStep:
             "batch_size",
             "lr",
             "weight_decay",
+            "betas",
             "warmup_steps",
             "ema_decay",
             "gradient_clip_val",
@@ -201,6 +194,7 @@ class NetworkMStep:
             raw,
             lr=self.lr,
             weight_decay=self.weight_decay,
+            betas=self.betas,
             warmup_steps=self.warmup_steps,
             ema_decay=self.ema_decay,
             time_distribution=self.time_distribution,

@@ -68,30 +68,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int, check_optional_int, check_positive, check_shape
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.diffusion.sampling import check_sampler, sample
+from hierprior.diffusion.sampling import check_sampler, resolve_spacing, sample
 from hierprior.io import device_dtype
 from hierprior.physics.forward import ForwardModel
 from hierprior.physics.noise import GaussianNoise, NoiseModel
 
 __all__ = ["LearnedNoise", "noise_score", "likelihood_score"]
-
-_SPACINGS = ("edm", "uniform", "logsnr")
-
-
-def _positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return value
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 class LearnedNoise(NoiseModel):
@@ -112,7 +96,8 @@ class LearnedNoise(NoiseModel):
         obs_shape: the event shape of an observation; default ``denoiser.event_shape``.
         sampler: the diffusion sampler of :meth:`sample` (``"heun"``, ``"ddpm"``, ...).
         steps: its time steps.
-        spacing: its time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: its time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``; None: the sampler's
+            own (:func:`~hierprior.diffusion.sampling.default_spacing`).
         quadrature: Gauss-Legendre points of the line integral of :meth:`log_prob`.
         batch_size: the largest number of rows per denoiser call (memory), or None.
 
@@ -130,7 +115,7 @@ class LearnedNoise(NoiseModel):
         *,
         sampler: str = "heun",
         steps: int = 64,
-        spacing: str = "edm",
+        spacing: str | None = None,
         quadrature: int = 8,
         batch_size: int | None = None,
     ):
@@ -140,13 +125,7 @@ class LearnedNoise(NoiseModel):
         event = tuple(int(v) for v in denoiser.event_shape)
         if obs_shape is None:
             obs_shape = event
-        if isinstance(obs_shape, int):
-            obs_shape = (obs_shape,)
-        obs_shape = tuple(obs_shape)
-        if not obs_shape or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in obs_shape
-        ):
-            raise ValueError(f"obs_shape must be a tuple of positive ints, got {obs_shape!r}")
+        obs_shape = check_shape(obs_shape, "obs_shape")
         if math.prod(obs_shape) != math.prod(event):
             raise ValueError(
                 f"obs_shape {obs_shape} has {math.prod(obs_shape)} values but the denoiser's "
@@ -161,10 +140,10 @@ class LearnedNoise(NoiseModel):
                 )
             scale = scale.detach()
         else:
-            scale = torch.tensor(_positive_float(scale, "scale"), dtype=torch.float64)
+            scale = torch.tensor(check_positive(scale, "scale"), dtype=torch.float64)
         if not (torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError("scale must be finite and > 0")
-        self.smoothing = _positive_float(smoothing, "smoothing")
+        self.smoothing = check_positive(smoothing, "smoothing")
         schedule = denoiser.schedule
         s_max = float(schedule.ratio(torch.tensor(1.0, dtype=torch.float64)))
         if self.smoothing > s_max:
@@ -173,8 +152,7 @@ class LearnedNoise(NoiseModel):
                 f"{s_max:g}"
             )
         check_sampler(sampler, steps)
-        if spacing not in _SPACINGS:
-            raise ValueError(f"unknown spacing {spacing!r}; expected one of {list(_SPACINGS)}")
+        spacing = resolve_spacing(sampler, spacing)
         self.denoiser = denoiser
         self.obs_shape = obs_shape
         self.num_obs = scale.shape[0] if scale.dim() == 1 else None
@@ -186,8 +164,8 @@ class LearnedNoise(NoiseModel):
         self._alpha = float(alpha)
         self._s = float(sigma / alpha)  # = smoothing up to the bisection's precision
         self.sampler, self.steps, self.spacing = sampler, steps, spacing
-        self.quadrature = _positive_int(quadrature, "quadrature")
-        self.batch_size = None if batch_size is None else _positive_int(batch_size, "batch_size")
+        self.quadrature = check_int(quadrature, "quadrature")
+        self.batch_size = check_optional_int(batch_size, "batch_size")
         self.denoiser.requires_grad_(False)
 
     def extra_repr(self) -> str:

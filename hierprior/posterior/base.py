@@ -52,7 +52,7 @@ from torch import Tensor
 
 from hierprior.checks import check_choice, check_float, check_int, check_optional_int
 from hierprior.diffusion.denoiser import Denoiser, expand_time
-from hierprior.diffusion.sampling import ETA_SAMPLERS, SAMPLERS, check_sampler
+from hierprior.diffusion.sampling import ETA_SAMPLERS, SAMPLERS, check_sampler, resolve_spacing
 from hierprior.io import device_dtype
 from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
 
@@ -64,19 +64,11 @@ __all__ = [
     "DenoiserMethod",
     "POSTERIOR_METHODS",
     "register_method",
-    "SPACINGS",
     "check_model",
     "check_observations",
     "check_problem",
-    "check_int",
-    "check_optional_int",
-    "check_float",
-    "check_choice",
     "default_iterations",
 ]
-
-#: time grids of ``Schedule.timesteps``
-SPACINGS = ("edm", "uniform", "logsnr")
 
 
 class PosteriorSamplingError(RuntimeError):
@@ -367,7 +359,9 @@ class PosteriorMethod:
 
     Arguments:
         steps: time steps of the sampler (>= 1); DAPS: annealing steps; TDS: SMC steps.
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (``Schedule.timesteps``).
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (``Schedule.timesteps``),
+            or None: the method's own (``"edm"``; a :class:`DenoiserMethod`: its sampler's,
+            :func:`~hierprior.diffusion.sampling.default_spacing`). Stored resolved.
         batch_size: observations per chunk (bounds memory), or None for all at once.
 
     A subclass sets the class attribute ``name``, takes ``steps``, ``spacing``,
@@ -381,9 +375,11 @@ class PosteriorMethod:
     #: the method's name in :data:`POSTERIOR_METHODS` and in configs
     name: str = ""
 
-    def __init__(self, steps: int = 256, *, spacing: str = "edm", batch_size: int | None = None):
+    def __init__(
+        self, steps: int = 256, *, spacing: str | None = None, batch_size: int | None = None
+    ):
         self.steps = check_int(steps, "steps")
-        self.spacing = check_choice(spacing, "spacing", SPACINGS)
+        self.spacing = resolve_spacing(getattr(self, "sampler", None), spacing)
         self.batch_size = check_optional_int(batch_size, "batch_size")
 
     # ------------------------------------------------------------------ options
@@ -603,7 +599,8 @@ class DenoiserMethod(PosteriorMethod):
             need steps >= 3, 4, 4), from :mod:`hierprior.diffusion.sampling`.
         eta: stochasticity in [0, 1] of ``"ddim"`` and the multistep solvers (0 is
             deterministic; :data:`~hierprior.diffusion.sampling.ETA_SAMPLERS`).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``; None: the
+            sampler's own (``"logsnr"`` for the multistep solvers, ``"edm"`` for the others).
         batch_size: observations per chunk, or None for all at once.
 
     A subclass sets ``denoiser`` (a :class:`PosteriorDenoiser` class); its options that are
@@ -619,11 +616,11 @@ class DenoiserMethod(PosteriorMethod):
         *,
         sampler: str = "ddpm",
         eta: float = 0.0,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
-        super().__init__(steps, spacing=spacing, batch_size=batch_size)
         self.sampler = check_choice(sampler, "sampler", tuple(SAMPLERS))
+        super().__init__(steps, spacing=spacing, batch_size=batch_size)
         self.eta = check_float(eta, "eta", 0.0, maximum=1.0)
         check_sampler(self.sampler, self.steps, self.eta)  # eta's sampler, order vs steps
 

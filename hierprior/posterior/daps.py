@@ -44,16 +44,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_choice, check_float, check_int, check_optional_int
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.diffusion.sampling import ddim_sampler
+from hierprior.io import progress_bar
 from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
 from hierprior.posterior.base import (
     Observation,
     PosteriorMethod,
-    check_choice,
-    check_float,
-    check_int,
-    check_optional_int,
     default_iterations,
     register_method,
 )
@@ -149,14 +147,9 @@ def daps_sample(
     x = x_init
     fallbacks = 0
     steps = len(timesteps) - 1
-    iterator = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="daps", leave=False)
-    for i in iterator:
+    for i in progress_bar(range(steps), progress, "daps"):
         t = float(timesteps[i])
-        a_t, s_t = (float(v) for v in prior.schedule.alpha_sigma(torch.tensor(t).double()))
+        a_t, s_t = prior.schedule.coefficients(t)
         grid = torch.linspace(t, 0.0, ode_steps + 1, dtype=torch.float64, device=x.device)
         x0 = ddim_sampler(prior, x.reshape(n * s, *event), grid, eta=0.0).reshape(x.shape)
         r2 = (s_t / a_t) ** 2
@@ -169,7 +162,7 @@ def daps_sample(
             x0y = x0y.detach()
         if i == steps - 1:
             return x0y, {"fallbacks": fallbacks}
-        a_r, s_r = (float(v) for v in prior.schedule.alpha_sigma(timesteps[i + 1].double()))
+        a_r, s_r = prior.schedule.coefficients(timesteps[i + 1])
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = a_r * x0y + s_r * eps
     raise AssertionError("unreachable")  # pragma: no cover
@@ -189,7 +182,7 @@ class DAPS(PosteriorMethod):
         langevin_steps: Langevin iterations per likelihood step.
         lr: Langevin step size relative to the stiffest curvature (> 0).
         iterations: CG iterations of the exact likelihood step; None: min(M, 32).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (None: ``"edm"``).
         batch_size: observations per chunk, or None.
     """
 
@@ -204,7 +197,7 @@ class DAPS(PosteriorMethod):
         langevin_steps: int = 50,
         lr: float = 0.1,
         iterations: int | None = None,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
         super().__init__(steps, spacing=spacing, batch_size=batch_size)

@@ -218,7 +218,9 @@ class ExactGaussian(PosteriorMethod):
 
     name = "exact"
 
-    def __init__(self, steps: int = 256, *, spacing: str = "edm", batch_size: int | None = None):
+    def __init__(
+        self, steps: int = 256, *, spacing: str | None = None, batch_size: int | None = None
+    ):
         super().__init__(steps, spacing=spacing, batch_size=batch_size)
 
     def check(self, prior: Denoiser, forward: ForwardModel) -> None:
