@@ -356,11 +356,11 @@ BAD_INPUT = {
     ),
     "mstep negative lr": (
         dict(prior=_neural, mstep={"lr": -1}),
-        ValueError, "mstep lr must be > 0 and finite, got -1",
+        ValueError, "mstep lr must be a finite number > 0, got -1",
     ),
     "mstep zero lr": (
         dict(prior=_neural, mstep={"lr": 0}),
-        ValueError, "mstep lr must be > 0 and finite, got 0",
+        ValueError, "mstep lr must be a finite number > 0, got 0",
     ),
     "mstep time distribution": (
         dict(prior=_neural, mstep={"time_distribution": "beta"}),
@@ -382,7 +382,7 @@ BAD_INPUT = {
         dict(monitor={"method": "euler"}), ValueError, "unknown monitor method 'euler'",
     ),
     "stop level": (
-        dict(stop={"level": 2}), ValueError, "stop level must lie in \\(0, 1\\), got 2",
+        dict(stop={"level": 2}), ValueError, "stop level must be a number in \\(0, 1\\), got 2",
     ),
     "stop min_rounds": (
         dict(stop={"min_rounds": 0}), ValueError, "stop min_rounds must be an integer >= 1, got 0",

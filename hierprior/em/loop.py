@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.diffusion import EDMDenoiser, GaussianPrior, load_prior, save_prior
 from hierprior.diffusion.checkpoint import prior_to_dict
 from hierprior.em.bank import SampleBank, rank_and_world
@@ -296,8 +297,7 @@ def run_em(
         raise TypeError(f"population must be a hierprior.em.Population, got {type(population)}")
     if not isinstance(prior, (GaussianPrior, EDMDenoiser)):
         raise TypeError(f"run_em needs a GaussianPrior or an EDMDenoiser, got {type(prior)}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
+    check_int(rounds, "rounds", 0)
     shortcut = {"sampler": sampler, "num_samples": num_samples, "batch_size": estep_batch_size}
     shortcut = {k: v for k, v in shortcut.items() if v is not None}
     if shortcut:

@@ -49,25 +49,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int, check_positive
 from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
 from hierprior.physics.learned_noise import noise_score
 from hierprior.posterior.base import PosteriorSamplingError
 
 __all__ = ["langevin", "log_posterior_gradient"]
-
-
-def _int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return float(value)
 
 
 def _check(forward: ForwardModel, noise: NoiseModel, y: Tensor) -> None:
@@ -272,12 +259,12 @@ def langevin(
     _check(forward, noise, y)
     n = y.shape[0]
     d = forward.input_shape[0]
-    num_samples = _int(num_samples, "num_samples", 1)
-    burn_in = _int(burn_in, "burn_in", 0)
-    thin = _int(thin, "thin", 1)
-    adapt = _int(adapt, "adapt", 0)
-    tau = _positive(step_size, "step_size")
-    fd_step = _positive(fd_step, "fd_step")
+    num_samples = check_int(num_samples, "num_samples", 1)
+    burn_in = check_int(burn_in, "burn_in", 0)
+    thin = check_int(thin, "thin", 1)
+    adapt = check_int(adapt, "adapt", 0)
+    tau = check_positive(step_size, "step_size")
+    fd_step = check_positive(fd_step, "fd_step")
     if adapt and burn_in < 2 * adapt:
         raise ValueError(f"adapt = {adapt} needs burn_in >= {2 * adapt}, got {burn_in}")
     _log_prior_fn(prior)

@@ -39,6 +39,8 @@ import math
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_float, check_int, check_positive
+
 __all__ = [
     "correlated_noise",
     "correlated_noise_covariance",
@@ -59,13 +61,10 @@ def _generator(generator: torch.Generator | int | None) -> torch.Generator | Non
 
 
 def _check(n: int, size: int, white_fraction: float, correlation_length: float) -> None:
-    for name, value in (("n", n), ("size", size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if not 0.0 <= float(white_fraction) <= 1.0:
-        raise ValueError(f"white_fraction must lie in [0, 1], got {white_fraction!r}")
-    if not (math.isfinite(correlation_length) and correlation_length > 0):
-        raise ValueError(f"correlation_length must be finite and > 0, got {correlation_length!r}")
+    check_int(n, "n")
+    check_int(size, "size")
+    check_float(white_fraction, "white_fraction", 0.0, maximum=1.0)
+    check_positive(correlation_length, "correlation_length")
 
 
 def _kernel_fft(size: int, correlation_length: float) -> tuple[Tensor, int]:

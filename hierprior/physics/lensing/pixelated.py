@@ -68,6 +68,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from hierprior.checks import check_positive
 from hierprior.physics.forward import observation_index
 from hierprior.physics.lensing.mass import MassModel
 
@@ -173,10 +174,7 @@ class PixelatedConvergence(MassModel):
             raise ValueError("kappa (N, n, n) needs at least one observation; got N = 0")
         if not torch.isfinite(kappa.detach()).all():
             raise ValueError("kappa is not finite")
-        if isinstance(fov, bool) or not isinstance(fov, (int, float)):
-            raise TypeError(f"fov must be a positive float (arcsec); got {fov!r}")
-        if not (math.isfinite(fov) and fov > 0):
-            raise ValueError(f"fov must be a positive, finite float (arcsec); got {fov!r}")
+        check_positive(fov, "fov")
         self.register_buffer("kappa", kappa)
         self.fov, self.size = float(fov), n
         self.num_obs = kappa.shape[0] if kappa.dim() == 3 else None
