@@ -151,13 +151,11 @@ def cosmic_rays(
         dtype: output dtype.
     """
     _check(n, size, 0.0, 1.0)
-    if not (math.isfinite(rate) and rate >= 0):
-        raise ValueError(f"rate must be finite and >= 0, got {rate!r}")
+    check_float(rate, "rate")
     lo, hi = (float(a) for a in amplitude)
     if not (0 <= lo <= hi and math.isfinite(hi)):
         raise ValueError(f"amplitude must be (lo, hi) with 0 <= lo <= hi, got {amplitude!r}")
-    if isinstance(track_length, bool) or not isinstance(track_length, int) or track_length < 1:
-        raise ValueError(f"track_length must be an integer >= 1, got {track_length!r}")
+    check_int(track_length, "track_length")
     g = _generator(generator)
     counts = torch.poisson(torch.full((n,), float(rate), dtype=torch.float64), generator=g)
     image = torch.repeat_interleave(torch.arange(n), counts.long())
