@@ -493,9 +493,9 @@ def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
         mstep.check(prior)
     except (TypeError, ValueError) as err:
         raise ConfigError(first_line(err)) from err
+    # TF32 stays off here: each step turns it on for itself only at precision "tf32"
+    # (hierprior.precision.precision_scope)
     if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of the M-step
-        torch.backends.cudnn.allow_tf32 = True
         prior, population = prior.cuda(), population.to("cuda")
     logger, logger_options = _logger(cfg, run_dir)
     result = run_em(

@@ -28,9 +28,9 @@ computed on the population's device (the bank's samples are moved there chunk by
 other metric (PQMass, TARP, MIRA, the posterior-mean error, the evaluators, the grids) is
 computed on the CPU from explicitly moved copies, so the bank may be given on any device.
 Evaluators receive CPU tensors; posterior evaluators also receive the population (on its own
-device). ``precision`` (``"32-true"``, ``"tf32"``, ``"bf16-mixed"``) is that of
-:class:`~hierprior.em.EStep` for the prior samples: on CUDA, TF32 and/or the network under
-bf16 autocast; a no-op on the CPU.
+device). ``precision`` (``"32-true"``, ``"tf32"``, ``"bf16-mixed"``,
+:mod:`hierprior.precision`) is that of :class:`~hierprior.em.EStep` for the prior samples: on
+CUDA, plain fp32, TF32, or the network under bf16 autocast; a no-op on the CPU.
 
 PQMass p-values (``*_pvalue``) are permutation p-values (``permutations > 0``, the default):
 the chi2 p-value of the mean over tessellations is conservative (its null spread is far
@@ -52,10 +52,11 @@ from hierprior.checks import check_int
 from hierprior.diffusion import GaussianPrior, sample
 from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.em.bank import SampleBank
-from hierprior.em.estep import check_precision, inference_prior, precision_scope
+from hierprior.em.estep import inference_prior
 from hierprior.em.population import Population
 from hierprior.io import atomic_write_text, device_of, is_image_shape, save_sample_grid
 from hierprior.metrics import mira, pqmass, residual_chi2, tarp
+from hierprior.precision import check_precision, precision_scope
 from hierprior.seeds import derived_generator
 
 __all__ = ["Monitor", "pqmass_metrics"]
@@ -195,10 +196,7 @@ class Monitor:
             "tarp_observations",
             "tarp_samples",
         )
-        out = {k: getattr(self, k) for k in keys}
-        if self.precision != "32-true":  # absent at fp32: older run directories stay valid
-            out["precision"] = self.precision
-        return out
+        return {**{k: getattr(self, k) for k in keys}, "precision": self.precision}
 
     # ------------------------------------------------------------------------ pieces
     def prior_samples(self, prior, *, seed: int, round_index: int) -> Tensor:

@@ -44,6 +44,8 @@ from hierprior.checks import check_choice, check_float, check_int, check_positiv
 from hierprior.diffusion import EDMDenoiser, GaussianPrior
 from hierprior.em.bank import rank_and_world
 from hierprior.em.estep import check_devices, check_trainer, rank_zero_first
+from hierprior.io import device_of
+from hierprior.precision import lightning_precision, precision_scope
 from hierprior.runs import stop_point
 from hierprior.seeds import derive_seed
 from hierprior.training.module import TIME_DISTRIBUTIONS, check_betas
@@ -94,7 +96,8 @@ class NetworkMStep:
         checkpoint_every: optimiser steps between resumable ``last.ckpt`` checkpoints.
         time_distribution: training times, ``"lognormal"`` (EDM) or ``"uniform"``.
         trainer: Lightning Trainer arguments (``accelerator``, ``devices``, ``strategy``,
-            ``num_nodes``, ``precision``, e.g. ``"bf16-mixed"`` on a GPU).
+            ``num_nodes``, ``precision``: Lightning's, e.g. ``"bf16-mixed"`` on a GPU, or
+            ``"tf32"``; TF32 is on only for ``"tf32"``, see :mod:`hierprior.precision`).
         progress: show Lightning's progress bar (``hierprior-em`` sets it from the ``progress``
             key).
     """
@@ -133,6 +136,9 @@ class NetworkMStep:
             raise ValueError(f"mstep {err}") from None
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "M-step")
         check_devices(self.trainer, "M-step")
+        #: Lightning's precision, or "tf32" (Lightning's 32-true with TF32 on CUDA); any other
+        #: precision trains with TF32 off (hierprior.precision)
+        self.precision = str(self.trainer.get("precision", "32-true"))
         self.progress = bool(progress)
 
     def options(self) -> dict:
@@ -150,7 +156,7 @@ class NetworkMStep:
         return {
             "kind": "network",
             **{k: getattr(self, k) for k in keys},
-            "precision": str(self.trainer.get("precision", "32-true")),
+            "precision": self.precision,
         }
 
     def check(self, prior) -> None:
@@ -228,13 +234,14 @@ class NetworkMStep:
             enable_progress_bar=self.progress,
             enable_model_summary=False,
             **distributed,
-            **self.trainer,
+            **{**self.trainer, "precision": lightning_precision(self.precision)},
         )
         last = ckpt_dir / "last.ckpt"
         # rank 0 quarantines an unreadable checkpoint before the other ranks look
         rank_zero_first(lambda: last.exists() and _readable_checkpoint(last))
         resume = str(last) if last.exists() else None
-        runner.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        with precision_scope(self.precision, device_of(prior)):  # TF32 only for "tf32"
+            runner.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
         raw_out = {k: v.detach().cpu() for k, v in module.denoiser.state_dict().items()}
         return module.sampling_prior(), {"raw": raw_out}
 

@@ -29,6 +29,7 @@ from hierprior.config import ConfigError, check_renamed
 from hierprior.diffusion.denoiser import EDMDenoiser
 from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.diffusion.schedule import Schedule
+from hierprior.precision import lightning_precision
 from hierprior.training.callbacks import LossCurve, PriorCheckpoint, SampleGrid
 from hierprior.training.datamodule import TensorDataModule, load_training_tensors
 from hierprior.training.module import TIME_DISTRIBUTIONS, PriorModule, check_betas
@@ -214,6 +215,8 @@ def build_trainer(
     """The ``pytorch_lightning.Trainer`` of ``cfg.trainer`` with the given callbacks/loggers.
 
     ``overrides`` are further Trainer arguments that take precedence over the config.
+    ``trainer.precision: tf32`` is Lightning's ``32-true``, with TF32 turned on by
+    :func:`hierprior.precision.precision_scope` around ``fit`` (:func:`fit_prior`).
     """
     from hydra.utils import instantiate
 
@@ -221,6 +224,7 @@ def build_trainer(
     if node is None or "_target_" not in node:
         raise ValueError("the trainer config needs a `_target_` (pytorch_lightning.Trainer)")
     kwargs = {"callbacks": callbacks or [], "logger": loggers if loggers else False}
+    kwargs["precision"] = lightning_precision(node.get("precision", "32-true"))
     if run_dir is not None:
         kwargs["default_root_dir"] = str(run_dir)
     kwargs.update(overrides)
