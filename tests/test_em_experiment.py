@@ -121,6 +121,23 @@ def test_mnist_shift_tiny_runs_one_short_round(tmp_path):
     assert again.stop_reason == result.stop_reason
 
 
+def test_mnist_shift_tiny_with_learned_noise(tmp_path):
+    """population/noise=learned_correlated (a LearnedNoise: SLIC's likelihood through the noise
+    score): refused with the default mmps E-step in one line before any training; with
+    sampler=dps, two short rounds run end to end and the residuals are measured."""
+    learned = ["population/noise=learned_correlated"]
+    with pytest.raises(ConfigError, match="^sampler: mmps assumes Gaussian noise") as err:
+        run_from_config(short_config(tmp_path, *learned))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "priors").exists() and not (tmp_path / "run").exists()
+    cfg = short_config(tmp_path, *learned, "sampler=dps", "sampler.steps=3", "sampler.zeta=20")
+    result = run_from_config(cfg)
+    assert [row["round"] for row in result.metrics] == [0, 1]
+    assert type(result.prior).__name__ == "EDMDenoiser"
+    for row in result.metrics:
+        assert math.isfinite(row["residual_chi2_nu"]) and math.isfinite(row["tarp_atc"])
+
+
 def test_em_refuses_a_train_prior_experiment(tmp_path):
     cfg = compose_em(["experiment=mnist04_prior_tiny", f"run_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="no population"):

@@ -339,7 +339,7 @@ def test_validation_errors():
         run(method="tds", forward=nonlinear, noise=GaussianNoise(0.1), twist="pigdm")
     with pytest.raises(ValueError, match="likelihood_step='exact' needs a linear"):
         run(method="daps", forward=nonlinear, noise=GaussianNoise(0.1), likelihood_step="exact")
-    with pytest.raises(TypeError, match="GaussianNoise"):
+    with pytest.raises(TypeError, match="noise must be a hierprior NoiseModel"):
         run(noise=0.1)
     with pytest.raises(TypeError, match="Denoiser"):
         run(prior=torch.nn.Linear(8, 8))

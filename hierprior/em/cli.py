@@ -424,6 +424,10 @@ def run_from_config(cfg):
             )
         check_train_config(cfg)
     population = instantiate_checked(cfg.population, "population")
+    try:  # e.g. a learned (non-Gaussian) noise model with mmps: refused before any training
+        estep.check_noise(population)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sampler: {first_line(err)}") from err
     if not cfg.em.initial_prior:  # the prior to be trained must fit the population's signals
         try:
             build_denoiser(cfg, population.signal_shape)

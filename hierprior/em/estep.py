@@ -379,9 +379,19 @@ class EStep:
         }
 
     def check(self, prior, population: Population) -> None:
-        """Raises a ValueError when the method cannot run on this prior and population."""
+        """Raises a ValueError (TypeError) when the method cannot run on this prior and
+        population (a shape mismatch, a non-linear forward model where it needs a linear one,
+        a noise model it cannot use: :meth:`check_noise`)."""
         population.check_prior(prior)
         self.method.check(prior, population.forward)
+        self.check_noise(population)
+
+    def check_noise(self, population: Population) -> None:
+        """Raises a one-line TypeError / ValueError when the posterior method cannot use the
+        population's noise model (e.g. MMPS with a non-Gaussian
+        :class:`~hierprior.physics.LearnedNoise`); needs no prior, so it runs first."""
+        opts = self.method.resolve(population.forward, self.num_samples)
+        self.method.check_noise(population.noise, opts)
 
     def __call__(
         self,

@@ -235,7 +235,9 @@ class Monitor:
     ) -> Tensor:
         """Reduced chi2 per observation (N,), float64 on the CPU, of samples (N, S, *event)
         (on any device) averaged over S, over observed entries only. It is computed on the
-        population's device, chunk by chunk."""
+        population's device, chunk by chunk, from the residuals in units of the noise
+        (``noise.standardize``: whitened for Gaussian noise, divided by the noise unit
+        ``scale`` for a :class:`~hierprior.physics.LearnedNoise`)."""
         per_obs = []
         with torch.no_grad():
             for start in range(0, len(population), chunk):
@@ -245,9 +247,8 @@ class Monitor:
                 observed = sub.forward.observed
                 if observed is not None and sub.forward.num_obs is not None:
                     observed = observed.unsqueeze(1)  # (n, 1, *obs): broadcast over S
-                chi2 = residual_chi2(
-                    sub.y.unsqueeze(1), pred, sub.noise.std(pred), 2, observed=observed
-                )
+                z = sub.noise.standardize(sub.y.unsqueeze(1) - pred)
+                chi2 = residual_chi2(z, torch.zeros_like(z), 1.0, 2, observed=observed)
                 per_obs.append(chi2.mean(1).cpu())
         return torch.cat(per_obs).double()
 

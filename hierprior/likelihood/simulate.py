@@ -40,10 +40,13 @@ import torch
 from torch import Tensor
 
 from hierprior.checks import check_float, check_int, check_positive
+from hierprior.diffusion.analytic import GaussianPrior
+from hierprior.physics.learned_noise import LearnedNoise
 
 __all__ = [
     "correlated_noise",
     "correlated_noise_covariance",
+    "correlated_learned_noise",
     "cosmic_rays",
     "noise_realisations",
 ]
@@ -127,6 +130,45 @@ def correlated_noise_covariance(
     cov = c.reshape(size * size, size * size)
     w = float(white_fraction)
     return w * torch.eye(size * size, dtype=torch.float64) + (1 - w) * cov
+
+
+def correlated_learned_noise(
+    sigma: float,
+    resolution: int,
+    *,
+    white_fraction: float = 0.5,
+    correlation_length: float = 1.0,
+    smoothing: float = 0.1,
+    **options,
+) -> LearnedNoise:
+    r"""Correlated Gaussian image noise as a SLIC noise model with a *known* score.
+
+    A :class:`~hierprior.physics.LearnedNoise` of unit ``scale = sigma`` whose denoiser is the
+    exact :class:`~hierprior.diffusion.GaussianPrior` :math:`\mathcal{N}(0, C)` of
+    :func:`correlated_noise` (C: :func:`correlated_noise_covariance`, unit marginal
+    variance): the noise :math:`n = \sigma u`, :math:`u \sim \mathcal{N}(0, C)`, on images of
+    shape (1, resolution, resolution). Every SLIC code path runs (Tweedie score of the smoothed
+    density, line-integral log-density, diffusion sampling of realisations), but no network is
+    trained, so a run with it measures EM with a non-Gaussian-interface likelihood, not the
+    quality of a noise network; the posterior methods that need ``noise.gaussian`` refuse it
+    as they refuse a trained one. A trained SLIC model is built with
+    ``LearnedNoise(load_prior(...), scale)`` instead (``hierprior-train-prior
+    experiment=slic_noise``).
+
+    Arguments:
+        sigma: the marginal standard deviation of the noise (its unit ``scale``), > 0.
+        resolution: the image side in pixels.
+        white_fraction, correlation_length: of :func:`correlated_noise`.
+        smoothing: :class:`~hierprior.physics.LearnedNoise`'s ``smoothing`` s.
+        options: further :class:`~hierprior.physics.LearnedNoise` options (``sampler``,
+            ``steps``, ``batch_size``, ...).
+    """
+    check_positive(sigma, "sigma")
+    cov = correlated_noise_covariance(
+        resolution, white_fraction=white_fraction, correlation_length=correlation_length
+    ).float()
+    denoiser = GaussianPrior(torch.zeros(resolution**2), cov)
+    return LearnedNoise(denoiser, float(sigma), smoothing, (1, resolution, resolution), **options)
 
 
 def cosmic_rays(

@@ -48,7 +48,7 @@ from hierprior.checks import check_choice, check_float, check_int, check_optiona
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.diffusion.sampling import ddim_sampler
 from hierprior.io import progress_bar
-from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
+from hierprior.physics import ForwardModel, NoiseModel
 from hierprior.posterior.base import (
     Observation,
     PosteriorMethod,
@@ -98,7 +98,7 @@ def _langevin_step(
     generator: torch.Generator | None,
 ) -> Tensor:
     obs = observation
-    curvature = obs.curvature()  # (N,): 1 / min sigma^2 per observation (Gaussian noise)
+    curvature = obs.curvature()  # (N,): the noise model's bound (Gaussian: 1 / min sigma^2)
     eta = _bcast(lr / (1.0 / r2 + curvature), x0)
     x = x0 + r2**0.5 * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     for _ in range(steps):
@@ -217,14 +217,10 @@ class DAPS(PosteriorMethod):
             )
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
-        if isinstance(noise, GaussianNoise):
-            return
-        if not isinstance(noise, LearnedNoise):
-            raise TypeError(f"daps needs a GaussianNoise or a LearnedNoise, got {type(noise)}")
-        if opts["likelihood_step"] != "langevin":
+        if not noise.gaussian and opts["likelihood_step"] != "langevin":
             raise ValueError(
-                "daps with a LearnedNoise needs likelihood_step='langevin' (the exact step "
-                "assumes Gaussian noise)"
+                f"daps with a non-Gaussian {type(noise).__name__} needs "
+                "likelihood_step='langevin' (the exact step assumes Gaussian noise)"
             )
 
     def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from hierprior.checks import check_float
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.physics import GaussianNoise, LearnedNoise, NoiseModel
+from hierprior.physics import NoiseModel
 from hierprior.posterior.base import (
     DenoiserMethod,
     Observation,
@@ -117,5 +117,4 @@ class DPS(DenoiserMethod):
         self.zeta = check_float(zeta, "zeta", 0.0)
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
-        if not isinstance(noise, (GaussianNoise, LearnedNoise)):
-            raise TypeError(f"dps needs a GaussianNoise or a LearnedNoise, got {type(noise)}")
+        """Any noise model: DPS needs only the direction of the likelihood score."""

@@ -57,7 +57,7 @@ from torch import Tensor
 from hierprior.checks import check_choice, check_float, check_optional_int
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.io import progress_bar
-from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
+from hierprior.physics import ForwardModel, NoiseModel
 from hierprior.posterior.base import (
     Observation,
     PosteriorMethod,
@@ -158,7 +158,7 @@ def tds_sample(
 
     def twist_terms(x: Tensor, t: Tensor, last: bool) -> tuple[Tensor, Tensor, Tensor]:
         tt = t.to(x.dtype).expand(n, groups * particles)
-        if not observation.gaussian:  # a learned noise model: the dps twist Q(y - A(x_hat))
+        if not observation.gaussian:  # non-Gaussian noise: the dps twist Q(y - A(x_hat))
             with torch.enable_grad():
                 leaf, d = helper.denoise(x, tt, graph=True)
                 y_hat = observation.predict(d)
@@ -260,14 +260,10 @@ class TDS(PosteriorMethod):
             raise ValueError("twist='pigdm' needs a linear forward model; use twist='dps'")
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
-        if isinstance(noise, GaussianNoise):
-            return
-        if not isinstance(noise, LearnedNoise):
-            raise TypeError(f"tds needs a GaussianNoise or a LearnedNoise, got {type(noise)}")
-        if opts["twist"] != "dps":
+        if not noise.gaussian and opts["twist"] != "dps":
             raise ValueError(
-                "tds with a LearnedNoise needs twist='dps' (the pigdm twist assumes Gaussian "
-                "noise)"
+                f"tds with a non-Gaussian {type(noise).__name__} needs twist='dps' (the pigdm "
+                "twist assumes Gaussian noise)"
             )
 
     def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:
