@@ -474,3 +474,37 @@ def test_console_script_trains(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+TINY_EM = [e for e in EM_EXPERIMENTS if e.endswith("_tiny")]
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a plain nested dict."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_tiny_em_experiments_share_one_preset_and_repeat_none_of_it():
+    preset = OmegaConf.to_container(OmegaConf.load(CONF / "preset" / "tiny_em.yaml"))
+    shared = dict(_leaves(preset))
+    assert TINY_EM and {"em.mstep.lr", "em.monitor.num_refs", "train.lr"} <= set(shared)
+    for experiment in TINY_EM:
+        file = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml"))
+        assert {"/preset": "tiny_em"} in file["defaults"], experiment
+        own = dict(_leaves({k: v for k, v in file.items() if k != "defaults"}))
+        repeated = sorted(k for k, v in own.items() if k in shared and shared[k] == v)
+        assert not repeated, (experiment, repeated)  # a value equal to the preset's: drop it
+        cfg = _compose_em([f"experiment={experiment}"])
+        for key, value in shared.items():  # the preset reaches the composed config
+            if key not in own:
+                assert OmegaConf.select(cfg, key) == value, (experiment, key)
+
+
+def test_mass_map_population_grid_follows_the_data_resolution():
+    cfg = _compose_em(["experiment=mass_map_tiny", "data.resolution=32"])
+    assert cfg.population.kappa_size == 32 == cfg.prior.backbone.image_size
+    assert _compose_em(["experiment=mass_map"]).population.kappa_size == 64

@@ -204,6 +204,7 @@ def test_hierprior_em_leaves_tf32_alone(monkeypatch, tf32_flags, tmp_path):
     monkeypatch.setattr(em_cli, "_initial_prior", lambda cfg, run_dir: prior)
     monkeypatch.setattr(type(prior), "cuda", lambda self: self)
     monkeypatch.setattr(Population, "to", lambda self, device: self)
+
     def run_em(*args, **kwargs):
         seen.append(_tf32())
         return SimpleNamespace(run_dir=tmp_path, stop_reason="mocked", table=lambda: "")
