@@ -80,7 +80,7 @@ DRY = [
 
 COLUMNS = (
     "round",
-    "residual_chi2_nu_mean",
+    "residual_chi2_nu",
     "posterior_mean_rmse",
     "share_56789",
     "truth_chi2",

@@ -12,6 +12,10 @@ r"""Command-line entry points (console scripts declared in pyproject.toml).
 - ``hierprior-em [overrides]``: a hydra app on ``conf/em.yaml``, the EM loop of
   :mod:`hierprior.em.cli` (no argument: ``experiment=mnist_shift_tiny``).
 
+A sweep (``-m``) runs each job in ``<run_dir>/multirun/<its overrides>/`` (e.g.
+``runs/em/mnist_shift_tiny/multirun/population.forward.missing_fraction=0.4``), so rerunning
+the sweep resumes every job (:func:`job_run_dir`).
+
 Hydra flags and overrides go in any order; an unknown group option (``sampler=nope``) and a
 bad value (``em.rounds=-1``) end the command in one line on stderr, before any training.
 
@@ -30,7 +34,10 @@ __all__ = ["em", "job_run_dir", "sample", "sample_main", "train_prior"]
 
 
 def job_run_dir(cfg) -> None:
-    """In a multirun (``-m``), each job writes into its own folder ``<sweep.dir>/<job.num>``."""
+    """In a multirun (``-m``), each job writes into its own folder, hydra's output directory
+    ``<run_dir>/multirun/<its overrides>`` (``hydra.sweep.dir`` / ``hydra.sweep.subdir`` in
+    conf/hydra/default.yaml, e.g. ``runs/em/mnist_shift_tiny/multirun/sampler=dps``), so a
+    rerun of the sweep resumes every job in its folder."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict

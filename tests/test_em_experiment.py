@@ -89,7 +89,7 @@ def test_mnist_shift_tiny_runs_one_short_round(tmp_path):
         "share_56789",
         "truth_chi2",
         "drift_pvalue",
-        "residual_chi2_nu_mean",
+        "residual_chi2_nu",
         "posterior_mean_rmse",
         "tarp_atc",
         "mira_z",

@@ -16,8 +16,10 @@ p_{\theta_k}(x \mid y_i)` (the E-step of round k), the monitor logs:
   above about +3 under-confident) on the first ``tarp_observations`` observations with
   ``tarp_samples`` posterior samples each (the bank's when it holds enough, else drawn by the
   same E-step method).
-- ``residual_chi2_nu_{mean,median,p90}``: the reduced chi2 of the bank's residuals per
-  observation (averaged over its samples), over *observed* entries only (``forward.observed``).
+- ``residual_chi2_nu`` (the mean over observations), ``residual_chi2_nu_median``,
+  ``residual_chi2_nu_p90``: the reduced chi2 of the bank's residuals per observation
+  (averaged over its samples, the residuals in units of the noise: ``noise.standardize``), over
+  *observed* entries only (``forward.observed``).
 - any evaluators (callables mapping prior samples to scalars, e.g.
   :class:`~hierprior.evaluation.DigitShare`), any posterior evaluators (callables that also
   see the population, the bank and the round's folder, e.g.
@@ -257,8 +259,7 @@ class Monitor:
         """Reduced chi2 of the bank per observation, over observed entries only."""
         chi2 = Monitor.residual_chi2_per_observation(population, samples, chunk)
         return {
-            "residual_chi2_nu": float(chi2.mean()),  # = the mean: the name issues check
-            "residual_chi2_nu_mean": float(chi2.mean()),
+            "residual_chi2_nu": float(chi2.mean()),  # the mean over observations
             "residual_chi2_nu_median": float(chi2.median()),
             "residual_chi2_nu_p90": float(torch.quantile(chi2, 0.9)),
         }

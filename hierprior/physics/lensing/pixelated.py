@@ -185,13 +185,6 @@ class PixelatedConvergence(MassModel):
         """The pixel side h = fov / n [arcsec]."""
         return self.fov / self.size
 
-    def pixel_centers(
-        self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
-    ) -> Tensor:
-        """The pixel-centre coordinates along either axis, (i + 1/2) h - fov / 2, shape (n,)."""
-        n, h = self.size, self.pixel_size
-        return (torch.arange(n, dtype=dtype, device=device) + 0.5) * h - self.fov / 2
-
     def __getitem__(self, idx: object) -> PixelatedConvergence:
         """The model over a subset of observations; a shared model returns itself."""
         if self.num_obs is None:
