@@ -315,22 +315,10 @@ def test_bad_values_fail_before_training(override, message, tmp_path):
     assert not (tmp_path / "prior.ckpt").exists()
 
 
-#: what the round-0 prior's training (train) and the M-step (em.mstep) both set, by one name
-TRAINER_VOCABULARY = (
-    "lr",
-    "weight_decay",
-    "betas",
-    "warmup_steps",
-    "ema_decay",
-    "gradient_clip_val",
-    "checkpoint_every",
-    "time_distribution",
-)
-
-
 def test_one_trainer_vocabulary_and_old_names_are_refused(tmp_path):
     from hierprior.config import ConfigError, check_overrides
     from hierprior.em import NetworkMStep
+    from hierprior.training.module import TRAINER_VOCABULARY
 
     cfg = _compose_em(["experiment=mnist_shift_tiny"])
     assert set(TRAINER_VOCABULARY) <= set(cfg.train) and set(TRAINER_VOCABULARY) <= set(

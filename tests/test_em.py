@@ -732,9 +732,7 @@ def test_residuals_count_observed_pixels_only(zero_hidden, report):
     pop = _masked_population(zero_hidden)
     samples = pop.truth[:, None].expand(-1, 3, -1, -1, -1)  # (N, S, ...): the truths
     out = Monitor.residuals(pop, samples, chunk=64)
-    assert set(out) == {"residual_chi2_nu"} | {
-        f"residual_chi2_nu_{s}" for s in ("median", "p90")
-    }
+    assert set(out) == {"residual_chi2_nu"} | {f"residual_chi2_nu_{s}" for s in ("median", "p90")}
     observed = pop.forward.observed.flatten(1).sum(1).double()
     m_bar = float(observed.mean())  # about 0.4 x 256 observed pixels
     # chi2 per observation: chi2(M_i) / M_i with sd sqrt(2 / M_i); its mean over N observations

@@ -500,25 +500,17 @@ def test_em_with_learned_noise_runs_end_to_end(tmp_path):
     """A shrunk EM run whose likelihood is a SLIC noise model: DPS E-step (and the monitor's
     own TARP E-step), M-step, monitor residuals in units of the noise, two rounds; a method
     that needs Gaussian noise is refused before any round."""
-    from hierprior.em import EStep, Monitor, NetworkMStep, StopRule, run_em
+    from test_em import cheap_monitor, never_stop
+
+    from hierprior.em import EStep, NetworkMStep, run_em
 
     pop = slic_population()
     torch.manual_seed(0)  # the network's initialisation (outside run_em)
     prior = EDMDenoiser(MLP(4, hidden=(16,)), (4,), sigma_data=1.0)
     pieces = dict(
         mstep=NetworkMStep(steps=2, batch_size=8, checkpoint_every=1),
-        monitor=Monitor(
-            num_prior_samples=16,
-            steps=4,
-            num_refs=4,
-            re_tessellations=2,
-            permutations=0,
-            tarp_observations=4,
-            tarp_samples=4,
-        ),
-        stop=StopRule(
-            min_rounds=100, level=0.05, permutations=59, re_tessellations=1, num_refs=10
-        ),
+        monitor=cheap_monitor(num_prior_samples=16, tarp_observations=4, tarp_samples=4),
+        stop=never_stop(),
         rounds=1,
         logger=None,
     )

@@ -48,7 +48,7 @@ from hierprior.io import device_of
 from hierprior.precision import lightning_precision, precision_scope
 from hierprior.runs import stop_point
 from hierprior.seeds import derive_seed
-from hierprior.training.module import TIME_DISTRIBUTIONS, check_betas
+from hierprior.training.module import TIME_DISTRIBUTIONS, TRAINER_VOCABULARY, check_betas
 
 __all__ = ["GaussianMStep", "NetworkMStep", "default_mstep"]
 
@@ -142,17 +142,8 @@ class NetworkMStep:
         self.progress = bool(progress)
 
     def options(self) -> dict:
-        keys = (
-            "steps",
-            "batch_size",
-            "lr",
-            "weight_decay",
-            "betas",
-            "warmup_steps",
-            "ema_decay",
-            "gradient_clip_val",
-            "time_distribution",
-        )
+        # what changes the trained prior (not the checkpoint interval)
+        keys = ("steps", "batch_size", *(k for k in TRAINER_VOCABULARY if k != "checkpoint_every"))
         return {
             "kind": "network",
             **{k: getattr(self, k) for k in keys},

@@ -41,7 +41,27 @@ from torch import Tensor, nn
 from hierprior.checks import check_choice, check_float, check_int, check_positive
 from hierprior.diffusion.denoiser import Denoiser, dsm_loss
 
-__all__ = ["PriorModule", "TIME_DISTRIBUTIONS", "check_betas", "ema_decay_at", "update_ema"]
+__all__ = [
+    "PriorModule",
+    "TIME_DISTRIBUTIONS",
+    "TRAINER_VOCABULARY",
+    "check_betas",
+    "ema_decay_at",
+    "update_ema",
+]
+
+#: the optimiser settings that the round-0 prior's training (the ``train`` config section) and
+#: the EM M-step (:class:`~hierprior.em.NetworkMStep`, ``em.mstep``) share, by one name
+TRAINER_VOCABULARY = (
+    "lr",
+    "weight_decay",
+    "betas",
+    "warmup_steps",
+    "ema_decay",
+    "gradient_clip_val",
+    "checkpoint_every",
+    "time_distribution",
+)
 
 #: training-time distributions of :func:`~hierprior.diffusion.dsm_loss`
 TIME_DISTRIBUTIONS = ("lognormal", "uniform")
