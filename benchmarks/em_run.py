@@ -24,8 +24,8 @@ COMMON = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "data.source=bundled",
-    "train.warmup=1",
-    "train.ckpt_every=0",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=0",
     "sample.n=4",
     "sample.steps=2",
     "em.rounds=2",
@@ -80,7 +80,7 @@ DRY = [
 
 COLUMNS = (
     "round",
-    "residual_chi2_nu_mean",
+    "residual_chi2_nu",
     "posterior_mean_rmse",
     "share_56789",
     "truth_chi2",

@@ -12,6 +12,10 @@ r"""Command-line entry points (console scripts declared in pyproject.toml).
 - ``hierprior-em [overrides]``: a hydra app on ``conf/em.yaml``, the EM loop of
   :mod:`hierprior.em.cli` (no argument: ``experiment=mnist_shift_tiny``).
 
+A sweep (``-m``) runs each job in ``<run_dir>/multirun/<its overrides>/`` (e.g.
+``runs/em/mnist_shift_tiny/multirun/population.forward.missing_fraction=0.4``), so rerunning
+the sweep resumes every job (:func:`job_run_dir`).
+
 Hydra flags and overrides go in any order; an unknown group option (``sampler=nope``) and a
 bad value (``em.rounds=-1``) end the command in one line on stderr, before any training.
 
@@ -30,7 +34,10 @@ __all__ = ["em", "job_run_dir", "sample", "sample_main", "train_prior"]
 
 
 def job_run_dir(cfg) -> None:
-    """In a multirun (``-m``), each job writes into its own folder ``<sweep.dir>/<job.num>``."""
+    """In a multirun (``-m``), each job writes into its own folder, hydra's output directory
+    ``<run_dir>/multirun/<its overrides>`` (``hydra.sweep.dir`` / ``hydra.sweep.subdir`` in
+    conf/hydra/default.yaml, e.g. ``runs/em/mnist_shift_tiny/multirun/sampler=dps``), so a
+    rerun of the sweep resumes every job in its folder."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import open_dict
@@ -106,7 +113,10 @@ def _sample_parser() -> argparse.ArgumentParser:
         "--batch_size", type=int, default=None, help="samples per sampler batch (memory)"
     )
     parser.add_argument(
-        "--spacing", default="edm", help="time grid: edm, uniform or logsnr (multistep solvers)"
+        "--spacing",
+        default=None,
+        help="time grid: edm, uniform or logsnr (default: the sampler's own, logsnr for the "
+        "multistep solvers dpm2m, dpm3m, unipc and edm for the others)",
     )
     parser.add_argument(
         "--eta",
@@ -126,26 +136,20 @@ def sample_main(argv: Sequence[str] | None = None) -> Path:
     """
     import torch
 
+    from hierprior.checks import check_int, check_optional_int
     from hierprior.diffusion.checkpoint import load_prior
-    from hierprior.diffusion.sampling import SAMPLERS, check_sampler
+    from hierprior.diffusion.sampling import check_sampler, resolve_spacing
     from hierprior.diffusion.sampling import sample as draw
     from hierprior.io import atomic_save, save_sample_grid
 
     parser = _sample_parser()
     args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
-    if args.method not in SAMPLERS:
-        parser.error(f"unknown sampler method={args.method!r}; expected one of {sorted(SAMPLERS)}")
-    if args.steps < 1:
-        parser.error(f"steps must be >= 1, got {args.steps}")
-    if args.n < 1:
-        parser.error(f"n must be >= 1, got {args.n}")
-    if args.batch_size is not None and args.batch_size < 1:
-        parser.error(f"batch_size must be >= 1, got {args.batch_size}")
-    if args.spacing not in ("edm", "uniform", "logsnr"):
-        parser.error(f"spacing must be 'edm', 'uniform' or 'logsnr', got {args.spacing!r}")
-    try:  # a multistep solver's minimum steps, eta's range and owner
+    try:  # the sampler, its steps (a multistep solver's minimum), eta's range and owner
         check_sampler(args.method, args.steps, args.eta)
-    except ValueError as err:
+        check_int(args.n, "n")
+        check_optional_int(args.batch_size, "batch_size")
+        spacing = resolve_spacing(args.method, args.spacing)
+    except (TypeError, ValueError) as err:
         parser.error(str(err))
     out = Path(args.out)
     if out.suffix not in (".png", ".pt"):
@@ -163,7 +167,7 @@ def sample_main(argv: Sequence[str] | None = None) -> Path:
             method=args.method,
             steps=args.steps,
             generator=generator,
-            spacing=args.spacing,
+            spacing=spacing,
             eta=args.eta,
             batch_size=args.batch_size,
             progress=True,

@@ -18,11 +18,15 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hierprior.checks import check_int
+
 __all__ = [
     "CONF_DIR",
+    "RENAMED_KEYS",
     "ConfigError",
     "check_em_section",
     "check_overrides",
+    "check_renamed",
     "first_line",
     "group_choices",
     "instantiate_checked",
@@ -48,6 +52,25 @@ CONF_DIR = str(_find_conf_dir())
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, found before any training (one-line message)."""
+
+
+#: config keys that were renamed: the round-0 prior's ``train`` section uses the M-step's names
+#: (one trainer vocabulary); an old name is refused in one line naming the new one
+RENAMED_KEYS = {
+    "train.warmup": "train.warmup_steps",
+    "train.grad_clip": "train.gradient_clip_val",
+    "train.ckpt_every": "train.checkpoint_every",
+}
+
+
+def check_renamed(cfg) -> None:
+    """Raises a ConfigError naming the new key when the config holds a renamed one
+    (:data:`RENAMED_KEYS`, e.g. from a user's own experiment file)."""
+    for old, new in RENAMED_KEYS.items():
+        section, key = old.split(".")
+        node = cfg.get(section)
+        if node is not None and key in node:
+            raise ConfigError(f"{old} was renamed {new}; rename it in your config")
 
 
 def first_line(err: BaseException) -> str:
@@ -77,6 +100,8 @@ def check_overrides(argv: Sequence[str]) -> None:
             continue
         key, value = token.split("=", 1)
         key = key.lstrip("+~")
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"{key} was renamed {RENAMED_KEYS[key]}")
         if not _is_group(key) or value in ("", "null"):
             continue
         choices = group_choices(key)
@@ -119,9 +144,10 @@ def check_em_section(cfg) -> None:
     unknown = sorted(set(em) - allowed)
     if unknown:
         raise ConfigError(f"unknown em key(s) {unknown}; allowed: {sorted(allowed)}")
-    rounds = em.get("rounds")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ConfigError(f"em.rounds must be an integer >= 0, got {rounds!r}")
+    try:
+        check_int(em.get("rounds"), "em.rounds", 0)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(em.get("oracle", False), bool):
         raise ConfigError(f"em.oracle must be true or false, got {em.get('oracle')!r}")
     path = em.get("initial_prior")

@@ -1,4 +1,5 @@
-r"""Shared helpers: atomic file writes, image grids with one scaling rule, device lookup.
+r"""Shared helpers: atomic file writes, image grids with one scaling rule, device lookup,
+progress bars.
 
 Every file hierprior writes goes through :func:`atomic_write_bytes` (or its wrappers
 :func:`atomic_write_text` and :func:`atomic_save`): the data go to a temporary file in the
@@ -17,7 +18,7 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "device_of",
     "figure_bytes",
     "is_image_shape",
+    "progress_bar",
     "save_sample_grid",
 ]
 
@@ -84,6 +86,15 @@ def device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
 def device_of(module: nn.Module) -> torch.device:
     """Device of a module's first floating parameter or buffer (CPU if it has none)."""
     return device_dtype(module)[0]
+
+
+def progress_bar(iterable: Iterable, enabled: bool, desc: str) -> Iterable:
+    """The iterable, wrapped in a transient tqdm bar named ``desc`` when ``enabled``."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False)
 
 
 def is_image_shape(event_shape: Sequence[int]) -> bool:

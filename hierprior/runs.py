@@ -18,6 +18,12 @@ stops on the signals a scheduler sends before a time limit.
   signal had a handler before (submitit's checkpoint-and-requeue), it is called once the run
   has stopped, so submitit requeues the job; otherwise the process exits with status 75 and the
   caller (an sbatch script) requeues it. Rerunning the same command resumes.
+- :func:`stop_point` marks named points of a run (``estep`` / ``tarp``: after each bank shard
+  of an E-step, ``mstep``: after each M-step optimiser step, ``monitor``: when a round's
+  monitor starts). When the environment variable :data:`STOP_AT_ENV` (``HIERPRIOR_STOP_AT``)
+  names one, ``"<phase>:<round>[:<n>]"`` (the n-th visit of that phase in that round, 1 by
+  default), the process sends itself SIGUSR1 there: a stop at a point the caller chooses
+  (tests of resumption, drills), taking the same path as a scheduler's signal.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from hierprior.config import ConfigError
 __all__ = [
     "LOCK_NAME",
     "PREEMPTED_EXIT",
+    "STOP_AT_ENV",
     "STOP_SIGNALS",
     "Preempted",
     "RunDirLocked",
@@ -50,6 +57,7 @@ __all__ = [
     "safe_points",
     "stop_callback",
     "stop_on_signal",
+    "stop_point",
     "stop_requested",
 ]
 
@@ -63,6 +71,8 @@ PREEMPTED_EXIT = 75
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 #: seconds a safe-point section may take to stop before the stop is forced
 FORCE_AFTER_S = 20.0
+#: the environment variable naming the point at which a run stops itself (:func:`stop_point`)
+STOP_AT_ENV = "HIERPRIOR_STOP_AT"
 
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
@@ -263,6 +273,7 @@ class _StopState:
         self.since = 0.0
         self.previous: dict[int, object] = {}
         self.watchdog: threading.Event | None = None
+        self.visits: dict[tuple[str, int], int] = {}  # stop_point visits in this block
 
 
 _STATE = _StopState()
@@ -325,7 +336,7 @@ def stop_on_signal(
         finally:
             state.depth -= 1
         return
-    state.depth, state.defer, state.signum = 1, 0, None
+    state.depth, state.defer, state.signum, state.visits = 1, 0, None, {}
     state.previous = {s: signal.signal(s, _handler) for s in signals}
     try:
         yield
@@ -361,6 +372,33 @@ def _chain(previous: dict, signum: int):
     if callable(first):
         return first
     return next((h for h in previous.values() if callable(h)), None)
+
+
+def stop_point(phase: str, round_index: int) -> None:
+    """A named point of a run: sends this process SIGUSR1 when :data:`STOP_AT_ENV` names it.
+
+    ``HIERPRIOR_STOP_AT="<phase>:<round>[:<n>]"`` stops at the n-th visit (default 1) of
+    ``phase`` in round ``round_index``, counted since the outermost :func:`stop_on_signal`
+    block began. Outside such a block (no handler to turn the signal into a clean stop) it
+    does nothing.
+    """
+    state = _STATE
+    if not state.depth:
+        return
+    key = (str(phase), int(round_index))
+    state.visits[key] = visit = state.visits.get(key, 0) + 1
+    target = os.environ.get(STOP_AT_ENV, "").strip()
+    if not target:
+        return
+    parts = target.split(":")
+    if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts[1:]):
+        raise ValueError(
+            f"{STOP_AT_ENV} must read <phase>:<round>[:<visit>], e.g. mstep:2:7; got {target!r}"
+        )
+    wanted = (parts[0].strip(), int(parts[1]), int(parts[2]) if len(parts) == 3 else 1)
+    if wanted == (*key, visit):
+        log.info("%s=%s: stopping here", STOP_AT_ENV, target)
+        os.kill(os.getpid(), signal.SIGUSR1)
 
 
 @contextlib.contextmanager

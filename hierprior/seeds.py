@@ -13,7 +13,7 @@ import hashlib
 
 import torch
 
-__all__ = ["derive_seed", "derived_generator"]
+__all__ = ["derive_seed", "derived_generator", "randn_like"]
 
 
 def derive_seed(*keys: object) -> int:
@@ -29,3 +29,9 @@ def derive_seed(*keys: object) -> int:
 def derived_generator(*keys: object, device: torch.device | str = "cpu") -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with ``derive_seed(*keys)``."""
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise with the shape, device and dtype of x, drawn from ``generator``
+    (the global RNG only when it is None)."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -67,9 +67,9 @@ TRAIN_EXPERIMENTS = [e for e in EXPERIMENTS if e not in EM_EXPERIMENTS]
 # shrink any train_prior run to one optimiser step with a 4-sample, 2-step sample grid
 ONE_STEP = [
     "train.steps=1",
-    "train.warmup=0",
+    "train.warmup_steps=0",
     "train.sample_every=0",
-    "train.ckpt_every=0",
+    "train.checkpoint_every=0",
     "train.loss_every=1",
     "sample.n=4",
     "sample.steps=2",
@@ -315,6 +315,36 @@ def test_bad_values_fail_before_training(override, message, tmp_path):
     assert not (tmp_path / "prior.ckpt").exists()
 
 
+def test_one_trainer_vocabulary_and_old_names_are_refused(tmp_path):
+    from hierprior.config import ConfigError, check_overrides
+    from hierprior.em import NetworkMStep
+    from hierprior.training.module import TRAINER_VOCABULARY
+
+    cfg = _compose_em(["experiment=mnist_shift_tiny"])
+    assert set(TRAINER_VOCABULARY) <= set(cfg.train) and set(TRAINER_VOCABULARY) <= set(
+        cfg.em.mstep
+    )
+    mstep = instantiate_checked(cfg.em.mstep, "em.mstep")
+    assert mstep.betas == (0.9, 0.999) and mstep.options()["betas"] == (0.9, 0.999)
+    assert NetworkMStep(betas=[0.5, 0.9]).betas == (0.5, 0.9)
+    with pytest.raises(ValueError, match=r"mstep betas\[1\] must be a number in \[0, 1\)"):
+        NetworkMStep(betas=(0.9, 1.0))
+    # an old name in a user's config file is refused in one line naming the new one, not
+    # ignored (it used to be read; now nothing would read it)
+    for old, new in (
+        ("warmup", "warmup_steps"),
+        ("grad_clip", "gradient_clip_val"),
+        ("ckpt_every", "checkpoint_every"),
+    ):
+        bad = _compose(["experiment=mnist04_prior_tiny", f"run_dir={tmp_path}", f"+train.{old}=1"])
+        with pytest.raises(ConfigError, match=f"^train.{old} was renamed train.{new}") as err:
+            fit_prior(bad)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ConfigError, match=f"^train.{old} was renamed train.{new}"):
+            check_overrides([f"train.{old}=1"])
+    assert not (tmp_path / "prior.ckpt").exists()
+
+
 def test_missing_dataset_root_is_a_clear_error(tmp_path):
     cfg = _compose(
         [
@@ -335,7 +365,7 @@ def test_backbone_data_mismatch_is_a_clear_error():
 
 
 def test_trainer_and_callbacks_follow_the_config(tmp_path):
-    cfg = _compose(["experiment=mnist04_prior_tiny", "train.grad_clip=0.5", *ONE_STEP])
+    cfg = _compose(["experiment=mnist04_prior_tiny", "train.gradient_clip_val=0.5", *ONE_STEP])
     trainer = build_trainer(cfg, build_callbacks(cfg, tmp_path), [], tmp_path)
     assert trainer.gradient_clip_val == 0.5
     assert trainer.max_steps == 1
@@ -374,7 +404,7 @@ def _toy_overrides(run_dir: Path, steps: int) -> list[str]:
         f"train.steps={steps}",
         "train.batch_size=64",
         "train.loss_every=2",
-        "train.ckpt_every=2",
+        "train.checkpoint_every=2",
     ]
 
 
@@ -432,3 +462,37 @@ def test_console_script_trains(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+TINY_EM = [e for e in EM_EXPERIMENTS if e.endswith("_tiny")]
+
+
+def _leaves(node, prefix=""):
+    """(dotted key, value) of every leaf of a plain nested dict."""
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_tiny_em_experiments_share_one_preset_and_repeat_none_of_it():
+    preset = OmegaConf.to_container(OmegaConf.load(CONF / "preset" / "tiny_em.yaml"))
+    shared = dict(_leaves(preset))
+    assert TINY_EM and {"em.mstep.lr", "em.monitor.num_refs", "train.lr"} <= set(shared)
+    for experiment in TINY_EM:
+        file = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml"))
+        assert {"/preset": "tiny_em"} in file["defaults"], experiment
+        own = dict(_leaves({k: v for k, v in file.items() if k != "defaults"}))
+        repeated = sorted(k for k, v in own.items() if k in shared and shared[k] == v)
+        assert not repeated, (experiment, repeated)  # a value equal to the preset's: drop it
+        cfg = _compose_em([f"experiment={experiment}"])
+        for key, value in shared.items():  # the preset reaches the composed config
+            if key not in own:
+                assert OmegaConf.select(cfg, key) == value, (experiment, key)
+
+
+def test_mass_map_population_grid_follows_the_data_resolution():
+    cfg = _compose_em(["experiment=mass_map_tiny", "data.resolution=32"])
+    assert cfg.population.kappa_size == 32 == cfg.prior.backbone.image_size
+    assert _compose_em(["experiment=mass_map"]).population.kappa_size == 64

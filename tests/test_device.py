@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 import hierprior.posterior.mmps as mmps_module
 from hierprior.diffusion import EDMDenoiser
-from hierprior.em import EStep, Monitor, Population, SampleBank
+from hierprior.em import EStep, Monitor, NetworkMStep, Population, SampleBank
 from hierprior.em.estep import (
     NetworkAutocast,
     check_precision,
@@ -118,25 +119,141 @@ def test_precision_names_and_options():
     for bad in ("16-mixed", "fp8", None, ["32"], True):
         with pytest.raises(ValueError, match="E-step precision must be one of"):
             check_precision(bad, "E-step")
-    # fp32 leaves the identity of a run directory as it was before the switch existed
-    assert "precision" not in EStep("mmps").options()
+    # the precision is part of a run's identity, fp32 included (32-true used to mean TF32 on
+    # a GPU: run directories made then are not continued as fp32 ones)
+    assert EStep("mmps").options()["precision"] == "32-true"
+    assert EStep("mmps", precision="tf32").options()["precision"] == "tf32"
     assert EStep("mmps", precision="bf16-mixed").options()["precision"] == "bf16-mixed"
-    assert "precision" not in Monitor().options()
+    assert Monitor().options()["precision"] == "32-true"
     assert Monitor(precision="tf32").options()["precision"] == "tf32"
+    assert NetworkMStep(trainer={"precision": "tf32"}).options()["precision"] == "tf32"
     with pytest.raises(ValueError, match="monitor precision"):
         Monitor(precision="half")
 
 
-def test_precision_scope_leaves_the_cpu_and_fp32_alone():
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    for precision, device in (("bf16-mixed", "cpu"), ("32-true", "cuda"), ("tf32", "meta")):
-        with precision_scope(precision, device):
-            now = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-            assert now == before
-    # on CUDA (the flags can be set without a device) TF32 is on inside and restored after
-    with precision_scope("bf16-mixed", "cuda"):
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+def _tf32() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.fixture
+def tf32_flags():
+    """Restores the TF32 flags after a test that sets them (no GPU needed to set them)."""
+    saved = _tf32()
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("before", [(True, True), (False, False), (True, False)])
+def test_precision_scope_turns_tf32_on_for_tf32_only(before, tf32_flags):
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    for precision, inside in (
+        ("32-true", (False, False)),  # plain fp32: even cuDNN's default TF32 is off
+        ("bf16-mixed", (False, False)),  # the network autocasts; the solves stay fp32
+        ("tf32", (True, True)),
+        ("16-mixed", (False, False)),  # any Lightning precision but tf32
+    ):
+        with precision_scope(precision, "cuda"):
+            assert _tf32() == inside, precision
+        assert _tf32() == before
+    for device in ("cpu", "meta"):  # the flags do not apply: nothing changes
+        for precision in ("32-true", "tf32", "bf16-mixed"):
+            with precision_scope(precision, device):
+                assert _tf32() == before
+
+
+def test_mstep_trains_in_its_own_precision_scope(monkeypatch, tf32_flags, tmp_path):
+    """The M-step's fit runs with TF32 off at 32-true / bf16-mixed and on at tf32 (on CUDA;
+    the device is faked, the flags are what is checked), and Lightning gets 32-true for tf32."""
+    import pytorch_lightning as pl
+
+    import hierprior.em.mstep as mstep_module
+
+    seen = []
+
+    def fit(trainer, *args, **kwargs):
+        seen.append((trainer.precision, _tf32()))
+
+    monkeypatch.setattr(mstep_module, "device_of", lambda module: torch.device("cuda"))
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    samples = torch.randn(4, 1, 1, 4, 4)
+    for precision in ("32-true", "tf32"):
+        step = NetworkMStep(
+            steps=1, batch_size=2, trainer={"accelerator": "cpu", "precision": precision}
+        )
+        step(conv_prior(), samples, tmp_path / precision, seed=0, round_index=1)
+    assert seen == [("32-true", (False, False)), ("32-true", (True, True))]
+    assert _tf32() == (True, True)
+
+
+def test_hierprior_em_leaves_tf32_alone(monkeypatch, tf32_flags, tmp_path):
+    """hierprior-em on a GPU used to turn TF32 on for the whole process before the run."""
+    from hydra import compose, initialize_config_dir
+
+    import hierprior.em
+    import hierprior.em.cli as em_cli
+    from hierprior.config import CONF_DIR, instantiate_checked
+    from hierprior.em import Population
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("em", overrides=["experiment=mnist_shift_tiny", "trainer.accelerator=gpu"])
+    pop = masked_population(n=4, r=16)
+    prior = conv_prior(r=16)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(em_cli, "_initial_prior", lambda cfg, run_dir: prior)
+    monkeypatch.setattr(type(prior), "cuda", lambda self: self)
+    monkeypatch.setattr(Population, "to", lambda self, device: self)
+
+    def run_em(*args, **kwargs):
+        seen.append(_tf32())
+        return SimpleNamespace(run_dir=tmp_path, stop_reason="mocked", table=lambda: "")
+
+    monkeypatch.setattr(hierprior.em, "run_em", run_em)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    pieces = [instantiate_checked(cfg.em[k], k) for k in ("estep", "mstep", "monitor", "stop")]
+    em_cli._run(cfg, tmp_path, pop, *pieces)
+    assert seen == [(False, False)] and _tf32() == (False, False)
+
+
+def test_round0_training_runs_in_its_precision_scope(monkeypatch, tmp_path):
+    """trainer.precision=tf32: Lightning trains at 32-true inside precision_scope("tf32")."""
+    import contextlib
+
+    from hydra import compose, initialize_config_dir
+
+    import hierprior.training.train as train_module
+    from hierprior.config import CONF_DIR
+    from hierprior.training import build_trainer, fit_prior
+
+    scopes = []
+
+    @contextlib.contextmanager
+    def scope(precision, device):
+        scopes.append((precision, torch.device(device).type))
+        yield
+
+    monkeypatch.setattr(train_module, "precision_scope", scope)
+    overrides = [
+        "experiment=mnist04_prior_tiny",
+        f"run_dir={tmp_path}",
+        "trainer.precision=tf32",
+        "train.steps=1",
+        "train.warmup_steps=0",
+        "train.sample_every=0",
+        "train.checkpoint_every=0",
+        "sample.n=4",
+        "sample.steps=2",
+        "logger=none",
+        "data.source=bundled",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train_prior", overrides=overrides)
+    assert build_trainer(cfg).precision == "32-true"
+    fit_prior(cfg)
+    assert scopes == [("tf32", "cpu")]
 
 
 def test_inference_prior_wraps_networks_only():
@@ -257,7 +374,7 @@ def test_monitor_round_with_the_population_on_another_device(tmp_path):
             1, prior, pop, samples, None, tmp_path, seed=0, previous_prior_samples=None
         )
     assert prior_x.device.type == "cpu"
-    assert {"residual_chi2_nu_mean", "posterior_mean_rmse", "tarp_atc", "mira_z"} <= set(row)
+    assert {"residual_chi2_nu", "posterior_mean_rmse", "tarp_atc", "mira_z"} <= set(row)
     assert seen == ["cpu", "cpu", "cpu"]
     assert images
 
@@ -309,7 +426,7 @@ def test_mnist_shift_runs_two_short_rounds_on_cuda(tmp_path):
     assert cfg.trainer.accelerator == "gpu" and cfg.em.estep.precision == "bf16-mixed"
     result = run_from_config(cfg)
     assert [row["round"] for row in result.metrics] == [0, 1, 2]
-    for key in ("residual_chi2_nu_mean", "posterior_mean_rmse", "share_56789"):
+    for key in ("residual_chi2_nu", "posterior_mean_rmse", "share_56789"):
         assert key in result.metrics[-1], key
     assert next(result.prior.parameters()).device.type == "cuda"
 

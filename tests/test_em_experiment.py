@@ -30,8 +30,8 @@ SHORT = [
     "trainer.enable_model_summary=false",
     "data.source=bundled",
     "train.steps=4",
-    "train.warmup=1",
-    "train.ckpt_every=0",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=0",
     "sample.n=4",
     "sample.steps=2",
     "population.num_obs=24",
@@ -89,7 +89,7 @@ def test_mnist_shift_tiny_runs_one_short_round(tmp_path):
         "share_56789",
         "truth_chi2",
         "drift_pvalue",
-        "residual_chi2_nu_mean",
+        "residual_chi2_nu",
         "posterior_mean_rmse",
         "tarp_atc",
         "mira_z",
@@ -119,6 +119,23 @@ def test_mnist_shift_tiny_runs_one_short_round(tmp_path):
     assert json.dumps(again.metrics) == json.dumps(result.metrics)  # NaN-aware
     assert again.table() == result.table()
     assert again.stop_reason == result.stop_reason
+
+
+def test_mnist_shift_tiny_with_learned_noise(tmp_path):
+    """population/noise=learned_correlated (a LearnedNoise: SLIC's likelihood through the noise
+    score): refused with the default mmps E-step in one line before any training; with
+    sampler=dps, two short rounds run end to end and the residuals are measured."""
+    learned = ["population/noise=learned_correlated"]
+    with pytest.raises(ConfigError, match="^sampler: mmps assumes Gaussian noise") as err:
+        run_from_config(short_config(tmp_path, *learned))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "priors").exists() and not (tmp_path / "run").exists()
+    cfg = short_config(tmp_path, *learned, "sampler=dps", "sampler.steps=3", "sampler.zeta=20")
+    result = run_from_config(cfg)
+    assert [row["round"] for row in result.metrics] == [0, 1]
+    assert type(result.prior).__name__ == "EDMDenoiser"
+    for row in result.metrics:
+        assert math.isfinite(row["residual_chi2_nu"]) and math.isfinite(row["tarp_atc"])
 
 
 def test_em_refuses_a_train_prior_experiment(tmp_path):

@@ -61,7 +61,7 @@ TINY_LOCAL = """\
 logger: null
 trainer: {enable_progress_bar: false, enable_model_summary: false}
 data: {source: bundled}
-train: {steps: 4, warmup: 1, ckpt_every: 0, num_threads: 1}
+train: {steps: 4, warmup_steps: 1, checkpoint_every: 0, num_threads: 1}
 sample: {n: 4, steps: 2}
 population: {num_obs: 24}
 sampler: {steps: 3}
@@ -265,7 +265,7 @@ def test_prior_key_ignores_what_does_not_change_the_prior():
         "name=other",
         "run_dir=/elsewhere",
         "train.num_threads=2",
-        "train.ckpt_every=7",
+        "train.checkpoint_every=7",
         "trainer.enable_progress_bar=false",
     ]
     for override in same:
@@ -417,17 +417,18 @@ def test_safe_points_defer_the_stop_and_a_previous_handler_takes_over():
 
 
 @pytest.mark.slow
-def test_em_stopped_anywhere_resumes_to_the_same_metrics(tmp_path):
-    """SIGUSR1 at three points of a 2-round EM run (E-step, M-step, monitor, wherever they
-    fall): each stops with Preempted, and rerunning gives the metrics of an uninterrupted
-    run exactly. ~60 s."""
-    import threading
-
+def test_em_stopped_anywhere_resumes_to_the_same_metrics(tmp_path, monkeypatch):
+    """SIGUSR1 at three named points of a 2-round EM run (HIERPRIOR_STOP_AT, see
+    hierprior.runs.stop_point): after the first E-step shard of round 1, after the 7th M-step
+    step of round 2 (its last checkpoint at step 5), and after the TARP E-step of round 1's
+    monitor. Each stops with Preempted there, and rerunning gives the metrics of an
+    uninterrupted run exactly. ~60 s."""
     import torch
     from omegaconf import open_dict
     from test_em_experiment import short_config
 
     from hierprior.em.cli import run_from_config
+    from hierprior.runs import STOP_AT_ENV
 
     def config(name: str):
         cfg = short_config(
@@ -441,25 +442,56 @@ def test_em_stopped_anywhere_resumes_to_the_same_metrics(tmp_path):
             cfg.run_dir = str(tmp_path / name)
         return cfg
 
+    def stopped_at(run: Path, point: str) -> bool:
+        """What the run directory holds when the run stopped at that point, and nothing later."""
+        if point == "estep:1:1":
+            return len(list((run / "round_001" / "bank").glob("shard_*.pt"))) == 1
+        if point == "mstep:2:7":
+            return (run / "round_002" / "mstep" / "checkpoints" / "last.ckpt").exists() and not (
+                run / "round_002" / "prior.ckpt"
+            ).exists()
+        tarp = run / "round_001" / "tarp_bank"
+        return (
+            len(list(tarp.glob("shard_*.pt"))) == 1
+            and not (run / "round_001" / "metrics.json").exists()
+        )
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_from_config(config("warm-up"))  # trains the prior and the classifier once
-        start = time.perf_counter()
-        reference = run_from_config(config("reference"))
-        seconds = time.perf_counter() - start
-        for fraction in (0.25, 0.5, 0.8):
-            name = f"stopped-{fraction}"
-            timer = threading.Timer(fraction * seconds, os.kill, (os.getpid(), signal.SIGUSR1))
-            timer.start()
+        monkeypatch.delenv(STOP_AT_ENV, raising=False)
+        reference = run_from_config(config("reference"))  # trains the prior and the classifier
+        for point in ("estep:1:1", "mstep:2:7", "tarp:1:1"):
+            name = f"stopped-{point.replace(':', '-')}"
+            monkeypatch.setenv(STOP_AT_ENV, point)
             with pytest.raises(Preempted):
                 run_from_config(config(name))
-            timer.cancel()
+            monkeypatch.delenv(STOP_AT_ENV)
             assert lock_holder(tmp_path / name) is None
+            assert stopped_at(tmp_path / name, point), point
             again = run_from_config(config(name))
-            assert json.dumps(again.metrics) == json.dumps(reference.metrics), fraction
+            assert json.dumps(again.metrics) == json.dumps(reference.metrics), point
     finally:
         torch.set_num_threads(threads)
+
+
+def test_stop_point_sends_the_signal_at_the_named_visit_only(monkeypatch):
+    from hierprior.runs import STOP_AT_ENV, stop_point
+
+    stop_point("estep", 1)  # outside stop_on_signal: nothing happens
+    monkeypatch.setenv(STOP_AT_ENV, "mstep:2:3")
+    with stop_on_signal("a test"):
+        for _ in range(5):
+            stop_point("mstep", 1)  # another round
+        stop_point("estep", 2)  # another phase
+        stop_point("mstep", 2)
+        stop_point("mstep", 2)
+        with pytest.raises(Preempted):
+            stop_point("mstep", 2)
+            time.sleep(1.0)  # the handler raises in the main thread at once
+    monkeypatch.setenv(STOP_AT_ENV, "mstep")
+    with stop_on_signal("a test"), pytest.raises(ValueError, match="HIERPRIOR_STOP_AT must"):
+        stop_point("mstep", 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +533,7 @@ def test_local_sweep_runs_two_jobs_on_one_shared_prior(cli):
 def test_sigusr1_stops_a_run_cleanly_and_the_rerun_completes(cli):
     """SIGUSR1 while the round-0 prior trains: the run stops after an optimiser step with
     checkpoints/last.ckpt written, exits 75 with one line; the same command then resumes."""
-    args = ["train.steps=80", "train.ckpt_every=10", "run_dir=run"]
+    args = ["train.steps=80", "train.checkpoint_every=10", "run_dir=run"]
     start = time.perf_counter()
     proc = cli.start(*args)
     priors = cli.root / "runs" / "priors"
@@ -547,7 +579,7 @@ def test_a_signalled_sweep_job_is_requeued_by_submitit_and_completes(cli):
         "-m",
         "hydra/launcher=local",
         "train.steps=150",
-        "train.ckpt_every=10",
+        "train.checkpoint_every=10",
         "population.forward.missing_fraction=0.4,0.7",
     )
     priors = cli.root / "runs" / "priors"

@@ -334,7 +334,7 @@ def test_lensing_errors_are_one_line_and_early():
     lens = Lensing(mass, 12, 0.15, 8, 1.6)
     with pytest.raises(ValueError, match=r"the source has shape .*\(source_size = 8\)"):
         lens(torch.zeros(3, 1, 10, 10))
-    with pytest.raises(ValueError, match="supersample must be an int >= 1"):
+    with pytest.raises(ValueError, match="supersample must be an integer >= 1"):
         Lensing(mass, 12, 0.15, 8, 1.6, supersample=0)
     with pytest.raises(ValueError, match="odd sizes"):
         Lensing(mass, 12, 0.15, 8, 1.6, psf=torch.full((4, 4), 1 / 16))
@@ -342,7 +342,7 @@ def test_lensing_errors_are_one_line_and_early():
         Lensing(mass, 12, 0.15, 8, 1.6, psf=torch.full((5, 5), 0.1))
     with pytest.raises(ValueError, match="mass model has 3 observations but the PSF has 2"):
         Lensing(mass, 12, 0.15, 8, 1.6, psf=torch.tensor([0.1, 0.2]))
-    with pytest.raises(ValueError, match="pixel_scale must be a positive, finite"):
+    with pytest.raises(ValueError, match="pixel_scale must be a finite number > 0"):
         Lensing(mass, 12, float("nan"), 8, 1.6)
     with pytest.raises(ValueError, match="fwhm must be positive"):
         Lensing(mass, 12, 0.15, 8, 1.6, psf=-0.1)

@@ -117,7 +117,7 @@ def test_unet_rejects_bad_arguments():
         UNet(image_size=16, channels=(8, 12), attention_resolutions=(8,), num_heads=8)
     with pytest.raises(ValueError, match="embedding"):
         UNet(image_size=16, channels=(8, 16), embedding="sinusoid")
-    with pytest.raises(TypeError, match="channels"):
+    with pytest.raises(ValueError, match=r"channels\[1\] must be an integer >= 1"):
         UNet(image_size=16, channels=(8, 16.5))
     with pytest.raises(ValueError, match="channels must not be empty"):
         UNet(image_size=16, channels=())

@@ -172,7 +172,7 @@ def test_bad_population_inputs_raise_clear_errors():
         simulate_population(truths, RandomMask(), noise, num_obs=5)
     with pytest.raises(ValueError, match="RandomProjection needs vector signals"):
         simulate_population(_images(3), RandomProjection(2), noise)
-    with pytest.raises(TypeError, match="seed must be an int"):
+    with pytest.raises(ValueError, match="seed must be an integer, got 1.5"):
         simulate_population(truths, RandomProjection(2), noise, num_obs=5, seed=1.5)
     with pytest.raises(TypeError, match="noise must be a hierprior NoiseModel"):
         simulate_population(truths, RandomProjection(2), 0.1, num_obs=5)
@@ -181,9 +181,9 @@ def test_bad_population_inputs_raise_clear_errors():
     for fraction in (1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"missing_fraction must lie in \[0, 1\)"):
             RandomMask("pixels", fraction)
-    with pytest.raises(ValueError, match="num_measurements must be >= 1"):
+    with pytest.raises(ValueError, match="num_measurements must be an integer >= 1"):
         RandomProjection(0)
-    with pytest.raises(ValueError, match="scale must be > 0"):
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
         RandomProjection(2, scale=0.0)
     with pytest.raises(ValueError, match=r"mean must have shape \(D,\)"):
         GaussianSignals(torch.zeros(2, 2))

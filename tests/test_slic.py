@@ -171,7 +171,7 @@ def test_per_observation_scale_and_selection():
     sub = noise[[2, 0]]
     assert sub.num_obs == 2
     torch.testing.assert_close(sub.score(n[[2, 0]]), score[[2, 0]])
-    torch.testing.assert_close(sub.curvature_bound(), 1 / (scale[[2, 0]] * 0.05) ** 2)
+    torch.testing.assert_close(sub.curvature(), 1 / (scale[[2, 0]] * 0.05) ** 2)
     with pytest.raises(ValueError, match="3 observations"):
         noise.score(torch.ones(2, 3, dtype=F64))
     x = noise.sample((3, 2000, 3), generator=torch.Generator().manual_seed(0))
@@ -188,7 +188,7 @@ def test_noise_and_likelihood_score_of_gaussian_noise():
     r = y[:, None] - forward(x)
     torch.testing.assert_close(noise_score(noise, r), -r / 0.25)
     torch.testing.assert_close(likelihood_score(forward, noise, y, x), (r / 0.25) @ A)
-    with pytest.raises(TypeError, match="GaussianNoise or a LearnedNoise"):
+    with pytest.raises(TypeError, match="noise must be a hierprior NoiseModel"):
         noise_score(object(), r)
 
 
@@ -303,7 +303,7 @@ def test_langevin_errors():
         run(prior=torch.distributions.Normal(torch.zeros(2, dtype=F64), 1.0))
     with pytest.raises(TypeError, match="prior"):
         run(prior=3.0)
-    with pytest.raises(TypeError, match="GaussianNoise or a LearnedNoise"):
+    with pytest.raises(TypeError, match="noise must be a hierprior NoiseModel"):
         run(noise=0.5)
     nan_on_1 = torch.tensor([1.0, float("nan"), 1.0], dtype=F64)[:, None]
     with pytest.raises(PosteriorSamplingError, match=r"observations \[1\]"):
@@ -477,3 +477,83 @@ def test_blob_langevin_with_nonlinear_model():
     z = (samples.mean(1) - eta) / samples.std(1)
     assert z.abs().max() < 4 and (samples.std(1) < 0.2).all()
     assert math.isfinite(float(samples.sum()))
+
+
+# ----------------------------------------------------------------------------- EM
+
+
+def slic_population(n: int = 16, m: int = 6, d: int = 4, seed: int = 0):
+    """Random 6x4 projections of 4-d signals with AR(1)-correlated noise, known to EM only
+    through a LearnedNoise (its analytic GaussianPrior denoiser: the exact SLIC score)."""
+    from hierprior.em import Population
+
+    g = torch.Generator().manual_seed(seed)
+    cov = ar1_cov(m).float()
+    noise = LearnedNoise(GaussianPrior(torch.zeros(m), cov), scale=0.3, smoothing=0.1)
+    forward = DenseLinear(torch.randn(n, m, d, generator=g) / d**0.5)
+    truth = 1.0 + torch.randn(n, d, generator=g)
+    n_true = torch.randn(n, m, generator=g) @ torch.linalg.cholesky(cov).T
+    return Population(y=forward(truth) + 0.3 * n_true, forward=forward, noise=noise, truth=truth)
+
+
+def test_em_with_learned_noise_runs_end_to_end(tmp_path):
+    """A shrunk EM run whose likelihood is a SLIC noise model: DPS E-step (and the monitor's
+    own TARP E-step), M-step, monitor residuals in units of the noise, two rounds; a method
+    that needs Gaussian noise is refused before any round."""
+    from test_em import cheap_monitor, never_stop
+
+    from hierprior.em import EStep, NetworkMStep, run_em
+
+    pop = slic_population()
+    torch.manual_seed(0)  # the network's initialisation (outside run_em)
+    prior = EDMDenoiser(MLP(4, hidden=(16,)), (4,), sigma_data=1.0)
+    pieces = dict(
+        mstep=NetworkMStep(steps=2, batch_size=8, checkpoint_every=1),
+        monitor=cheap_monitor(num_prior_samples=16, tarp_observations=4, tarp_samples=4),
+        stop=never_stop(),
+        rounds=1,
+        logger=None,
+    )
+    with pytest.raises(TypeError, match="^mmps assumes Gaussian noise and cannot use a Learned"):
+        run_em(
+            prior,
+            pop,
+            estep=EStep({"method": "mmps", "steps": 4}),
+            run_dir=tmp_path / "x",
+            **pieces,
+        )
+    assert not (tmp_path / "x" / "round_000").exists()
+    estep = EStep({"method": "dps", "steps": 4, "zeta": 5.0}, num_samples=2, batch_size=8)
+    result = run_em(prior, pop, estep=estep, run_dir=tmp_path / "run", **pieces)
+    assert [row["round"] for row in result.metrics] == [0, 1]
+    for row in result.metrics:
+        for key in ("residual_chi2_nu", "tarp_atc", "posterior_mean_rmse"):
+            assert math.isfinite(row[key]), (key, row)
+
+
+def test_population_fingerprint_identifies_a_neural_noise_model_by_its_weights():
+    from hierprior.em import Population
+
+    pop = slic_population()
+
+    def learned(seed: int) -> LearnedNoise:
+        torch.manual_seed(seed)
+        return LearnedNoise(EDMDenoiser(MLP(6, hidden=(8,)), (6,), sigma_data=1.0), 0.3)
+
+    def fingerprint(noise) -> str:
+        return Population(y=pop.y, forward=pop.forward, noise=noise).fingerprint()
+
+    assert fingerprint(learned(0)) == fingerprint(learned(0))
+    assert fingerprint(learned(0)) != fingerprint(learned(1))  # same buffers, other weights
+    # models without parameters digest as before (run directories stay valid)
+    gauss = GaussianNoise(0.3)
+    assert fingerprint(gauss) == pop_fingerprint_of_buffers(pop.y, pop.forward, gauss)
+
+
+def pop_fingerprint_of_buffers(y, forward, noise) -> str:
+    from hierprior.em.population import tensor_fingerprint
+
+    tensors = [y]
+    for module in (forward, noise):
+        tensors += [b for _, b in sorted(module.named_buffers(), key=lambda kv: kv[0])]
+    return tensor_fingerprint(*tensors)

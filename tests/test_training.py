@@ -438,10 +438,10 @@ def test_sample_cli_writes_png_and_tensor(tmp_path, capsys):
     "args, message",
     [
         (["method=euler"], "unknown sampler"),
-        (["steps=0"], "steps must be >= 1"),
-        (["n=0"], "n must be >= 1"),
+        (["steps=0"], "steps must be an integer >= 1"),
+        (["n=0"], "n must be an integer >= 1"),
         (["out=x.jpg"], "out must end in .png or .pt"),
-        (["spacing=cosine"], "spacing must be 'edm', 'uniform' or 'logsnr'"),
+        (["spacing=cosine"], "unknown time spacing 'cosine'"),
         (["method=unipc", "steps=3"], "sampler 'unipc'"),
         (["method=heun", "eta=0.5"], "eta is not an option of sampler 'heun'"),
     ],

@@ -160,7 +160,7 @@ def test_em_run_logs_one_wandb_run_and_a_rerun_keeps_one_complete_history(
     for row in rounds:
         assert "time/estep_s" in row and "time/monitor_s" in row
         assert _has(row, "images/prior_samples") and _has(row, "images/posterior_samples")
-        assert "em/residual_chi2_nu_mean" in row
+        assert "em/residual_chi2_nu" in row
     assert "time/mstep_s" in rounds[1] and "em/mstep_loss_last" in rounds[1]
     assert _has(rounds[0], "images/observations") and _has(rounds[0], "images/truth")
     # the M-step loss of every step: in the round's folder and in wandb, on mstep/step

@@ -100,7 +100,7 @@ def train_noise_model(run_dir: Path, steps: int | None, extra: list[str]) -> Pat
         "trainer.enable_progress_bar=false",
     ]
     if steps is not None:
-        overrides += [f"train.steps={steps}", f"train.warmup={min(100, steps)}"]
+        overrides += [f"train.steps={steps}", f"train.warmup_steps={min(100, steps)}"]
     overrides += extra
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train_prior", overrides=overrides)

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_float, check_int
+
 __all__ = ["make_gaussian_random_fields"]
 
 
@@ -37,13 +39,10 @@ def make_gaussian_random_fields(
         mean: a constant added to every field.
         val_fraction: accepted for the data-config convention; unused here.
     """
-    for name, v in (("n", n), ("resolution", resolution)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"make_gaussian_random_fields: {name} must be an integer >= 1")
-    if not (math.isfinite(amplitude) and amplitude >= 0):
-        raise ValueError(f"make_gaussian_random_fields: amplitude must be >= 0; got {amplitude}")
-    if not (math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"make_gaussian_random_fields: scale must be >= 0; got {scale}")
+    check_int(n, "make_gaussian_random_fields: n")
+    check_int(resolution, "make_gaussian_random_fields: resolution")
+    check_float(amplitude, "make_gaussian_random_fields: amplitude")
+    check_float(scale, "make_gaussian_random_fields: scale")
     g = torch.Generator().manual_seed(int(seed))
     white = torch.randn(n, 1, resolution, resolution, generator=g, dtype=torch.float64)
     if scale > 0:

@@ -104,6 +104,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hierprior.checks import check_int, check_positive
 from hierprior.data.mnist import check_value_range, to_value_range
 
 __all__ = [
@@ -527,21 +528,14 @@ def make_galaxies(
 
     if kind not in _KINDS:
         raise ValueError(f"kind must be 'elliptical' or 'spiral', got {kind!r}")
-    for name, value in (("n", n), ("resolution", resolution), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if resolution < 2:
-        raise ValueError(f"resolution must be >= 2, got {resolution}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_int(n, "n", 0)
+    check_int(resolution, "resolution", 2)
+    check_int(chunk_size, "chunk_size")
     if oversample is None:
         oversample = max(2, math.ceil(64 / resolution))
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 1:
-        raise ValueError(f"oversample must be an int >= 1, got {oversample!r}")
-    if stretch is not None and not (isinstance(stretch, (int, float)) and stretch > 0):
-        raise ValueError(f"stretch must be None or a positive float, got {stretch!r}")
+    check_int(oversample, "oversample")
+    if stretch is not None:
+        check_positive(stretch, "stretch")
     value_range = check_value_range(value_range)
     params = {} if params is None else dict(params)
     if isinstance(seed, torch.Generator):

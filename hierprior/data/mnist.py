@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hierprior.checks import check_int, check_optional_int
+
 __all__ = [
     "BUNDLED_SPLIT_SEED",
     "BUNDLED_TEST_PER_CLASS",
@@ -188,11 +190,7 @@ def _check_digits(digits: Sequence[int] | int) -> list[int]:
         raise TypeError(f"digits must be a sequence of ints in 0-9, got {digits!r}")
     out = []
     for d in digits:
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
-            raise TypeError(f"digits must be ints in 0-9, got {d!r} in {digits!r}")
-        if not 0 <= int(d) <= 9:
-            raise ValueError(f"digits must lie in 0-9, got {int(d)} in {list(digits)!r}")
-        out.append(int(d))
+        out.append(check_int(d, f"each of digits {list(digits)!r}", 0, 9))
     if not out:
         raise ValueError("digits must name at least one digit in 0-9, got an empty filter")
     return sorted(set(out))
@@ -255,10 +253,7 @@ def load_mnist(
     """
 
     digits = _check_digits(digits)
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
-        raise TypeError(f"resolution must be an int, got {resolution!r}")
-    if resolution < 4:
-        raise ValueError(f"resolution must be >= 4, got {resolution}")
+    resolution = check_int(resolution, "resolution", 4)
     if source not in _SOURCES:
         raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
     if split not in _SPLITS:
@@ -268,11 +263,7 @@ def load_mnist(
     if resize == "pad" and resolution < 28:
         raise ValueError(f"resize='pad' needs resolution >= 28, got {resolution}")
     value_range = check_value_range(value_range)
-    if max_per_digit is not None:
-        if isinstance(max_per_digit, bool) or not isinstance(max_per_digit, (int, np.integer)):
-            raise TypeError(f"max_per_digit must be an int or None, got {max_per_digit!r}")
-        if max_per_digit < 1:
-            raise ValueError(f"max_per_digit must be >= 1, got {max_per_digit}")
+    max_per_digit = check_optional_int(max_per_digit, "max_per_digit")
     if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
         generator = torch.Generator().manual_seed(int(generator))
     elif generator is not None and not isinstance(generator, torch.Generator):

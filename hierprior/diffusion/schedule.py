@@ -15,6 +15,10 @@ be inverted (:meth:`Schedule.t_from_ratio`) and time grids can be laid out in :m
 - :class:`VESchedule` (variance exploding): :math:`\alpha_t = 1`,
   :math:`\sigma_t = \sigma_{min} (\sigma_{max} / \sigma_{min})^t`.
 
+Time grids are laid out here and nowhere else (:meth:`Schedule.timesteps`); their names are
+:data:`SPACINGS`. Which grid a sampler uses by default is
+:func:`hierprior.diffusion.sampling.default_spacing`.
+
 References:
     Ho et al. (2020), Denoising Diffusion Probabilistic Models, arXiv 2006.11239.
     Song et al. (2021), Score-Based Generative Modeling through SDEs, arXiv 2011.13456.
@@ -28,7 +32,18 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["Schedule", "VPSchedule", "VESchedule", "get_schedule"]
+from hierprior.checks import check_choice, check_int
+
+__all__ = ["Schedule", "VPSchedule", "VESchedule", "get_schedule", "SPACINGS", "check_spacing"]
+
+#: the time grids of :meth:`Schedule.timesteps`: uniform in t, EDM's (uniform in s^(1/rho)),
+#: uniform in log s (the log-SNR: the multistep solvers' grid)
+SPACINGS = ("edm", "uniform", "logsnr")
+
+
+def check_spacing(spacing: object) -> str:
+    """One of :data:`SPACINGS`, or a one-line ValueError."""
+    return check_choice(spacing, "time spacing", SPACINGS)
 
 
 class Schedule:
@@ -50,6 +65,11 @@ class Schedule:
 
     def sigma(self, t: Tensor) -> Tensor:
         return self.alpha_sigma(t)[1]
+
+    def coefficients(self, t: Tensor | float) -> tuple[float, float]:
+        """(alpha_t, sigma_t) at one time t, computed in float64, as Python floats."""
+        alpha, sigma = self.alpha_sigma(torch.as_tensor(t).double())
+        return float(alpha), float(sigma)
 
     def ratio(self, t: Tensor) -> Tensor:
         """Noise-to-signal ratio s_t = sigma_t / alpha_t, with the shape of t."""
@@ -84,33 +104,23 @@ class Schedule:
         which concentrates steps at low noise, or ``"logsnr"`` (uniform in log s, i.e. in the
         log-SNR, the variable of the multistep solvers: DPM-Solver++'s grid).
         """
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        check_int(steps, "steps")
+        check_spacing(spacing)
         if steps == 1:
-            grid = torch.tensor([1.0, 0.0], dtype=torch.float64)
-        elif spacing == "uniform":
+            return torch.tensor([1.0, 0.0], device=device, dtype=dtype)
+        if spacing == "uniform":
             grid = torch.linspace(1.0, self.t_min, steps, dtype=torch.float64)
-            grid = torch.cat([grid, grid.new_zeros(1)])
-        elif spacing == "edm":
+        else:  # a grid in the noise level s, inverted to times
             s_max = float(self.ratio(torch.tensor(1.0, dtype=torch.float64)))
             s_min = float(self.ratio(torch.tensor(self.t_min, dtype=torch.float64)))
             u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
-            s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            if spacing == "edm":
+                s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+            else:  # logsnr
+                s = torch.exp(math.log(s_max) + u * (math.log(s_min) - math.log(s_max)))
             grid = self.t_from_ratio(s)
             grid[0] = 1.0
-            grid = torch.cat([grid, grid.new_zeros(1)])
-        elif spacing == "logsnr":
-            s_max = float(self.ratio(torch.tensor(1.0, dtype=torch.float64)))
-            s_min = float(self.ratio(torch.tensor(self.t_min, dtype=torch.float64)))
-            u = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
-            s = torch.exp(math.log(s_max) + u * (math.log(s_min) - math.log(s_max)))
-            grid = self.t_from_ratio(s)
-            grid[0] = 1.0
-            grid = torch.cat([grid, grid.new_zeros(1)])
-        else:
-            raise ValueError(
-                f"unknown time spacing {spacing!r}; expected 'uniform', 'edm' or 'logsnr'"
-            )
+        grid = torch.cat([grid, grid.new_zeros(1)])
         return grid.to(device=device, dtype=dtype)
 
     def __repr__(self) -> str:

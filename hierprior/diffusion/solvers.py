@@ -56,7 +56,10 @@ import math
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_float, check_int
 from hierprior.diffusion.denoiser import Denoiser
+from hierprior.io import progress_bar
+from hierprior.seeds import randn_like
 
 __all__ = ["multistep_sampler", "check_order", "step_weights", "MAX_ORDER"]
 
@@ -70,8 +73,7 @@ def check_order(order: object, steps: int | None = None, corrector: bool = False
     ``steps`` evaluations give ``steps - 1`` solver steps, the last of which uses order p only
     if ``steps >= p + 1``; a smaller count raises a ValueError (the order would never be used).
     """
-    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_ORDER:
-        raise ValueError(f"order must be an integer in [1, {MAX_ORDER}], got {order!r}")
+    check_int(order, "order", 1, MAX_ORDER)
     if steps is not None and steps < order + 1:
         kind = "predictor order" if corrector else "order"
         raise ValueError(
@@ -110,11 +112,6 @@ def step_weights(taus: list[float], h: float, rho: float = 1.0) -> list[float]:
     return torch.linalg.solve(vander.T, integrals).tolist()
 
 
-def _coeffs(denoiser: Denoiser, t: Tensor) -> tuple[float, float]:
-    alpha, sigma = denoiser.schedule.alpha_sigma(t.double())
-    return float(alpha), float(sigma)
-
-
 def multistep_sampler(
     denoiser: Denoiser,
     x: Tensor,
@@ -139,14 +136,11 @@ def multistep_sampler(
 
     Returns the denoised estimate at the last positive time, with the shape of x.
     """
-    from hierprior.diffusion.sampling import _progress, _randn_like
-
     n = len(timesteps) - 1
     check_order(order, n, corrector)
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    check_float(eta, "eta", 0.0, maximum=1.0)
     rho = 1.0 + eta**2
-    coef = [_coeffs(denoiser, timesteps[i]) for i in range(n)]
+    coef = [denoiser.schedule.coefficients(timesteps[i]) for i in range(n)]
     lam = [math.log(a / s) for a, s in coef]
     outs: list[Tensor] = []  # the latest denoiser outputs, newest last
     prev = None  # (x, noise) at the start of the last step, for the corrector
@@ -164,7 +158,7 @@ def multistep_sampler(
             out = out + s_r * math.sqrt(-math.expm1(-2 * eta**2 * h)) * z
         return out
 
-    for i in _progress(range(n), progress, name):
+    for i in progress_bar(range(n), progress, name):
         x_hat = denoiser(x, timesteps[i])
         if i == n - 1:
             return x_hat
@@ -177,7 +171,7 @@ def multistep_sampler(
             x = advance(i - 1, x_prev, points, values, z_prev)
         outs = [*outs[-(order - 1) :], x_hat] if order > 1 else [x_hat]
         m = len(outs)
-        z = _randn_like(x, generator) if eta > 0 else None
+        z = randn_like(x, generator) if eta > 0 else None
         prev = (x, z)
         x = advance(i, x, list(range(i - m + 1, i + 1)), outs, z)
     return x

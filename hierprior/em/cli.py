@@ -69,7 +69,7 @@ def check_sampler_section(cfg) -> None:
 #: of its cache key): threads, workers, logging, checkpoint and sample-grid intervals, and the
 #: strategy (the round-0 prior is trained on one device)
 PRIOR_KEY_IGNORED = {
-    "train": ("num_workers", "num_threads", "loss_every", "sample_every", "ckpt_every"),
+    "train": ("num_workers", "num_threads", "loss_every", "sample_every", "checkpoint_every"),
     "trainer": (
         "enable_progress_bar",
         "enable_model_summary",
@@ -470,6 +470,10 @@ def run_from_config(cfg):
             )
         check_train_config(cfg)
     population = instantiate_checked(cfg.population, "population")
+    try:  # e.g. a learned (non-Gaussian) noise model with mmps: refused before any training
+        estep.check_noise(population)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sampler: {first_line(err)}") from err
     if not cfg.em.initial_prior:  # the prior to be trained must fit the population's signals
         try:
             build_denoiser(cfg, population.signal_shape)
@@ -539,9 +543,9 @@ def _run(cfg, run_dir: Path, population, estep, mstep, monitor, stop):
         mstep.check(prior)
     except (TypeError, ValueError) as err:
         raise ConfigError(first_line(err)) from err
+    # TF32 stays off here: each step turns it on for itself only at precision "tf32"
+    # (hierprior.precision.precision_scope)
     if cfg.trainer.accelerator != "cpu" and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts of the M-step
-        torch.backends.cudnn.allow_tf32 = True
         prior, population = prior.cuda(), population.to("cuda")
     oracle = None
     if cfg.em.get("oracle") and population.truth is not None:

@@ -19,11 +19,12 @@ generator of its first observation, a k-device bank equals the one-device bank s
 
 Devices and precision: each batch of the population is moved to the device Lightning runs
 the prior on, and its samples are written to the bank on the CPU (``SampleBank.load(device)``
-puts them where the caller asks). ``precision`` is ``"32-true"`` (the default: everything in
-fp32), ``"tf32"`` (fp32 with TF32 matmuls and convolutions on CUDA) or ``"bf16-mixed"`` (TF32,
-and the prior's network under ``torch.autocast(bfloat16)`` on CUDA: :class:`NetworkAutocast`
-wraps only the network call, whose output is cast back to fp32, so the posterior method's
-arithmetic, the forward model and the CG/GMRES solves stay in fp32/fp64). On the CPU every
+puts them where the caller asks). ``precision`` (:mod:`hierprior.precision`) is ``"32-true"``
+(the default: everything in plain fp32, TF32 off on CUDA), ``"tf32"`` (fp32 with TF32 matmuls
+and convolutions on CUDA, the posterior solves included) or ``"bf16-mixed"`` (the prior's
+network under ``torch.autocast(bfloat16)`` on CUDA: :class:`NetworkAutocast` wraps only the
+network call, whose output is cast back to fp32, so the posterior method's arithmetic, the
+forward model and the CG/GMRES solves stay in plain fp32/fp64, TF32 off). On the CPU every
 precision runs in plain fp32, unchanged.
 """
 
@@ -47,6 +48,8 @@ from hierprior.diffusion.denoiser import Denoiser
 from hierprior.em.bank import SampleBank, rank_and_world
 from hierprior.em.population import Population
 from hierprior.posterior import PosteriorMethod, posterior_method
+from hierprior.precision import PRECISIONS, check_precision, precision_scope
+from hierprior.runs import stop_point
 from hierprior.seeds import derive_seed
 
 __all__ = [
@@ -72,37 +75,6 @@ log = logging.getLogger(__name__)
 #: Lightning Trainer arguments an E-step takes (Lightning's own precision stays fp32: the
 #: solves need it; the E-step's ``precision`` autocasts the network only)
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes")
-
-#: precisions of the E-step and the monitor's samplers (aliases map to the first three)
-PRECISIONS = ("32-true", "tf32", "bf16-mixed")
-_PRECISION_ALIASES = {"32": "32-true", 32: "32-true", "bf16": "bf16-mixed"}
-
-
-def check_precision(value: object, owner: str) -> str:
-    """The canonical precision name (:data:`PRECISIONS`), or a one-line ValueError."""
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
-        value = _PRECISION_ALIASES.get(value, value)
-    if value not in PRECISIONS:
-        raise ValueError(f"{owner} precision must be one of {list(PRECISIONS)}, got {value!r}")
-    return str(value)
-
-
-@contextlib.contextmanager
-def precision_scope(precision: str, device: torch.device | str) -> Iterator[None]:
-    """TF32 matmuls and cuDNN convolutions while inside, on CUDA with ``tf32``/``bf16-mixed``.
-
-    The previous flags are restored on exit; on the CPU, or with ``32-true``, nothing changes.
-    """
-    if torch.device(device).type != "cuda" or precision == "32-true":
-        yield
-        return
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class NetworkAutocast(Denoiser):
@@ -333,16 +305,22 @@ class PosteriorSamplingModule(pl.LightningModule):
 
 
 class BankWriter(BasePredictionWriter):
-    """Writes each predicted batch into the sample bank as one atomic shard."""
+    """Writes each predicted batch into the sample bank as one atomic shard.
 
-    def __init__(self, bank: SampleBank):
+    After each shard it passes :func:`hierprior.runs.stop_point` (phase = the E-step's
+    ``purpose``, ``"estep"`` or ``"tarp"``, of round ``round_index``).
+    """
+
+    def __init__(self, bank: SampleBank, round_index: int = 0, purpose: str = "estep"):
         super().__init__(write_interval="batch")
         self.bank = bank
+        self.round_index, self.purpose = int(round_index), str(purpose)
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
         self.bank.write(prediction["indices"], prediction["samples"])
+        stop_point(self.purpose, self.round_index)
 
 
 class EStep:
@@ -391,21 +369,29 @@ class EStep:
             self.local = saved
 
     def options(self) -> dict:
-        """What identifies this E-step in a run directory (JSON-able); the precision only
-        when it is not fp32 (run directories made before it existed stay valid)."""
-        out = {
+        """What identifies this E-step in a run directory (JSON-able), its precision
+        included."""
+        return {
             "sampler": self.method.options(),
             "num_samples": self.num_samples,
             "batch_size": self.batch_size,
+            "precision": self.precision,
         }
-        if self.precision != "32-true":
-            out["precision"] = self.precision
-        return out
 
     def check(self, prior, population: Population) -> None:
-        """Raises a ValueError when the method cannot run on this prior and population."""
+        """Raises a ValueError (TypeError) when the method cannot run on this prior and
+        population (a shape mismatch, a non-linear forward model where it needs a linear one,
+        a noise model it cannot use: :meth:`check_noise`)."""
         population.check_prior(prior)
         self.method.check(prior, population.forward)
+        self.check_noise(population)
+
+    def check_noise(self, population: Population) -> None:
+        """Raises a one-line TypeError / ValueError when the posterior method cannot use the
+        population's noise model (e.g. MMPS with a non-Gaussian
+        :class:`~hierprior.physics.LearnedNoise`); needs no prior, so it runs first."""
+        opts = self.method.resolve(population.forward, self.num_samples)
+        self.method.check_noise(population.noise, opts)
 
     def __call__(
         self,
@@ -458,7 +444,7 @@ class EStep:
             enable_checkpointing=False,
             enable_progress_bar=self.progress,
             enable_model_summary=False,
-            callbacks=[BankWriter(bank)],
+            callbacks=[BankWriter(bank, round_index, purpose)],
             inference_mode=False,
             **trainer,
         )

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.diffusion import EDMDenoiser, GaussianPrior, load_prior, save_prior
 from hierprior.diffusion.checkpoint import prior_to_dict
 from hierprior.em.bank import SampleBank, rank_and_world
@@ -65,6 +66,7 @@ from hierprior.em.population import Population, tensor_fingerprint
 from hierprior.em.report import Report, metrics_table
 from hierprior.em.stop import StopRule, long_lag_round
 from hierprior.io import atomic_save, atomic_write_text, device_of
+from hierprior.runs import stop_point
 from hierprior.training.callbacks import quiet_lightning
 
 __all__ = ["EMResult", "run_em", "build_pieces"]
@@ -323,17 +325,17 @@ def run_em(
         raise TypeError(f"population must be a hierprior.em.Population, got {type(population)}")
     if not isinstance(prior, (GaussianPrior, EDMDenoiser)):
         raise TypeError(f"run_em needs a GaussianPrior or an EDMDenoiser, got {type(prior)}")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
+    check_int(rounds, "rounds", 0)
     shortcut = {"sampler": sampler, "num_samples": num_samples, "batch_size": estep_batch_size}
     shortcut = {k: v for k, v in shortcut.items() if v is not None}
     if shortcut:
         if estep is not None:
             raise ValueError(f"give the E-step either as estep or as {sorted(shortcut)}")
         estep = shortcut
-    if evaluators:
-        monitor = monitor if isinstance(monitor, Monitor) else Monitor(**dict(monitor or {}))
-        monitor.evaluators += list(evaluators)
+    if evaluators:  # added to a copy: the caller's Monitor is left as it was
+        if not isinstance(monitor, Monitor):
+            monitor = Monitor(**dict(monitor or {}))
+        monitor = monitor.with_evaluators(evaluators)
     estep, mstep, monitor, stop = build_pieces(prior, estep, mstep, monitor, stop)
     init_distributed(estep.trainer)
     check_launched(estep.trainer, "E-step")
@@ -407,6 +409,7 @@ def run_em(
                     report.replay(metrics[-1])  # a resumed offline wandb run logs it again
             else:
                 start = time.perf_counter()
+                stop_point("monitor", k)
                 row, images = {"round": k}, {}
                 if k == 0:
                     images.update(monitor.population_grids(population, run_dir))

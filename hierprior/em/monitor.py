@@ -20,8 +20,10 @@ p_{\theta_k}(x \mid y_i)` (the E-step of round k), the monitor logs:
   calibration of the full posterior, and a pooled image keeps the scales the data resolve
   while the pixel-scale noise that no observation constrains (and which pins TARP's ECP at
   1 in high dimension) averages out.
-- ``residual_chi2_nu_{mean,median,p90}``: the reduced chi2 of the bank's residuals per
-  observation (averaged over its samples), over *observed* entries only (``forward.observed``).
+- ``residual_chi2_nu`` (the mean over observations), ``residual_chi2_nu_median``,
+  ``residual_chi2_nu_p90``: the reduced chi2 of the bank's residuals per observation
+  (averaged over its samples, the residuals in units of the noise: ``noise.standardize``), over
+  *observed* entries only (``forward.observed``).
 - ``noise_prior``, ``noise_posterior``: the white pixel noise of the prior samples and of the
   bank (:func:`hierprior.evaluation.noise_level`: the robust scale of each image minus its
   3 x 3 median filter, in units of its peak, averaged over images), image-shaped signals only.
@@ -45,9 +47,9 @@ computed on the population's device (the bank's samples are moved there chunk by
 other metric (PQMass, TARP, MIRA, the posterior-mean error, the evaluators, the grids) is
 computed on the CPU from explicitly moved copies, so the bank may be given on any device.
 Evaluators receive CPU tensors; posterior evaluators also receive the population (on its own
-device). ``precision`` (``"32-true"``, ``"tf32"``, ``"bf16-mixed"``) is that of
-:class:`~hierprior.em.EStep` for the prior samples: on CUDA, TF32 and/or the network under
-bf16 autocast; a no-op on the CPU.
+device). ``precision`` (``"32-true"``, ``"tf32"``, ``"bf16-mixed"``,
+:mod:`hierprior.precision`) is that of :class:`~hierprior.em.EStep` for the prior samples: on
+CUDA, plain fp32, TF32, or the network under bf16 autocast; a no-op on the CPU.
 
 PQMass p-values (``*_pvalue``) are permutation p-values (``permutations > 0``, the default):
 the chi2 p-value of the mean over tessellations is conservative (its null spread is far
@@ -56,6 +58,7 @@ smaller than chi2(K-1)'s), so it is not reported as a p-value; ``*_chi2`` is the
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -69,10 +72,11 @@ from hierprior.checks import check_float, check_int
 from hierprior.diffusion import GaussianPrior, sample
 from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.em.bank import SampleBank
-from hierprior.em.estep import check_precision, inference_prior, precision_scope
+from hierprior.em.estep import inference_prior
 from hierprior.em.population import Population
 from hierprior.io import atomic_write_text, device_of, is_image_shape, save_sample_grid
 from hierprior.metrics import mira, pqmass, residual_chi2, tarp
+from hierprior.precision import check_precision, precision_scope
 from hierprior.seeds import derived_generator
 
 __all__ = ["Monitor", "pqmass_metrics", "fidelity_columns"]
@@ -144,6 +148,15 @@ def fidelity_columns(row: dict, first: dict, metrics: Sequence[str] = ()) -> dic
     return out
 
 
+def _callables(values: Sequence | None, name: str) -> list:
+    """A list of the callables in values, or a one-line TypeError."""
+    out = list(values or [])
+    for ev in out:
+        if not callable(ev):
+            raise TypeError(f"monitor {name} must be callables, got {type(ev)}")
+    return out
+
+
 class Monitor:
     """Per-round measurements of an EM run (see the module docstring).
 
@@ -209,14 +222,8 @@ class Monitor:
         self.tarp_observations = check_int(tarp_observations, "monitor tarp_observations", 0)
         self.tarp_samples = check_int(tarp_samples, "monitor tarp_samples", 2)
         self.grid_size = check_int(grid_size, "monitor grid_size", 1)
-        self.evaluators = list(evaluators or [])
-        for ev in self.evaluators:
-            if not callable(ev):
-                raise TypeError(f"monitor evaluators must be callables, got {type(ev)}")
-        self.posterior_evaluators = list(posterior_evaluators or [])
-        for ev in self.posterior_evaluators:
-            if not callable(ev):
-                raise TypeError(f"monitor posterior_evaluators must be callables, got {type(ev)}")
+        self.evaluators = _callables(evaluators, "evaluators")
+        self.posterior_evaluators = _callables(posterior_evaluators, "posterior_evaluators")
         lo, hi = (float(v) for v in value_range)
         if not hi > lo:
             raise ValueError(f"monitor value_range must satisfy a < b, got {value_range}")
@@ -231,6 +238,14 @@ class Monitor:
             else check_float(noise_background, "monitor noise_background", -math.inf)
         )
 
+    def with_evaluators(self, evaluators: Sequence[Callable[[Tensor], dict]]) -> Monitor:
+        """A copy of this monitor with ``evaluators`` added after its own (this one is left
+        as it is)."""
+        out = copy.copy(self)
+        out.evaluators = [*self.evaluators, *_callables(evaluators, "evaluators")]
+        out.posterior_evaluators = list(self.posterior_evaluators)
+        return out
+
     def options(self) -> dict:
         keys = (
             "num_prior_samples",
@@ -242,9 +257,7 @@ class Monitor:
             "tarp_observations",
             "tarp_samples",
         )
-        out = {k: getattr(self, k) for k in keys}
-        if self.precision != "32-true":  # absent at fp32: older run directories stay valid
-            out["precision"] = self.precision
+        out = {**{k: getattr(self, k) for k in keys}, "precision": self.precision}
         if self.calibration_pool != 1:  # absent at 1: older run directories stay valid
             out["calibration_pool"] = self.calibration_pool
         return out
@@ -325,7 +338,9 @@ class Monitor:
     ) -> Tensor:
         """Reduced chi2 per observation (N,), float64 on the CPU, of samples (N, S, *event)
         (on any device) averaged over S, over observed entries only. It is computed on the
-        population's device, chunk by chunk."""
+        population's device, chunk by chunk, from the residuals in units of the noise
+        (``noise.standardize``: whitened for Gaussian noise, divided by the noise unit
+        ``scale`` for a :class:`~hierprior.physics.LearnedNoise`)."""
         per_obs = []
         with torch.no_grad():
             for start in range(0, len(population), chunk):
@@ -335,9 +350,8 @@ class Monitor:
                 observed = sub.forward.observed
                 if observed is not None and sub.forward.num_obs is not None:
                     observed = observed.unsqueeze(1)  # (n, 1, *obs): broadcast over S
-                chi2 = residual_chi2(
-                    sub.y.unsqueeze(1), pred, sub.noise.std(pred), 2, observed=observed
-                )
+                z = sub.noise.standardize(sub.y.unsqueeze(1) - pred)
+                chi2 = residual_chi2(z, torch.zeros_like(z), 1.0, 2, observed=observed)
                 per_obs.append(chi2.mean(1).cpu())
         return torch.cat(per_obs).double()
 
@@ -346,8 +360,7 @@ class Monitor:
         """Reduced chi2 of the bank per observation, over observed entries only."""
         chi2 = Monitor.residual_chi2_per_observation(population, samples, chunk)
         return {
-            "residual_chi2_nu": float(chi2.mean()),  # = the mean: the name issues check
-            "residual_chi2_nu_mean": float(chi2.mean()),
+            "residual_chi2_nu": float(chi2.mean()),  # the mean over observations
             "residual_chi2_nu_median": float(chi2.median()),
             "residual_chi2_nu_p90": float(torch.quantile(chi2, 0.9)),
         }

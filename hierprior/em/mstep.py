@@ -32,38 +32,30 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from hierprior.checks import check_int
+from hierprior.checks import check_choice, check_float, check_int, check_positive
 from hierprior.diffusion import EDMDenoiser, GaussianPrior
 from hierprior.em.bank import rank_and_world
 from hierprior.em.estep import check_devices, check_trainer, rank_zero_first
+from hierprior.io import device_of
+from hierprior.precision import lightning_precision, precision_scope
+from hierprior.runs import stop_point
 from hierprior.seeds import derive_seed
+from hierprior.training.module import TIME_DISTRIBUTIONS, TRAINER_VOCABULARY, check_betas
 
 __all__ = ["GaussianMStep", "NetworkMStep", "default_mstep"]
 
 log = logging.getLogger(__name__)
 
-TIME_DISTRIBUTIONS = ("lognormal", "uniform")
 #: Lightning Trainer arguments an M-step takes
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision")
-
-
-def _float(value: object, name: str, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"mstep {name} must be a number, got {value!r}")
-    value = float(value)
-    if not (value >= low and (high is None or value < high)):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"mstep {name} must be {bound}, got {value}")
-    return value
 
 
 class GaussianMStep:
@@ -74,7 +66,7 @@ class GaussianMStep:
     """
 
     def __init__(self, min_eigenvalue: float = 1e-6):
-        self.min_eigenvalue = _float(min_eigenvalue, "min_eigenvalue", 0.0)
+        self.min_eigenvalue = check_float(min_eigenvalue, "mstep min_eigenvalue")
 
     def options(self) -> dict:
         return {"kind": "gaussian", "min_eigenvalue": self.min_eigenvalue}
@@ -97,7 +89,8 @@ class NetworkMStep:
     Arguments:
         steps: optimiser steps per round.
         batch_size: samples per optimiser step.
-        lr, weight_decay, warmup_steps: AdamW settings and linear warm-up (fresh every round).
+        lr, weight_decay, betas, warmup_steps: AdamW settings and linear warm-up (fresh every
+            round); the names of the round-0 prior's ``train`` section (one vocabulary).
         ema_decay: decay of the EMA of the weights (warm started from the previous prior).
         gradient_clip_val: gradient-norm clipping.
         checkpoint_every: optimiser steps between resumable ``last.ckpt`` checkpoints.
@@ -105,7 +98,8 @@ class NetworkMStep:
         augment: ``None`` or ``"dihedral"`` (random rotations by quarter turns and flips of
             the bank's images; see :class:`~hierprior.training.PriorModule`).
         trainer: Lightning Trainer arguments (``accelerator``, ``devices``, ``strategy``,
-            ``num_nodes``, ``precision``, e.g. ``"bf16-mixed"`` on a GPU).
+            ``num_nodes``, ``precision``: Lightning's, e.g. ``"bf16-mixed"`` on a GPU, or
+            ``"tf32"``; TF32 is on only for ``"tf32"``, see :mod:`hierprior.precision`).
         progress: show Lightning's progress bar (``hierprior-em`` sets it from the ``progress``
             key).
     """
@@ -116,6 +110,7 @@ class NetworkMStep:
         batch_size: int = 64,
         lr: float = 2e-4,
         weight_decay: float = 0.0,
+        betas: Sequence[float] = (0.9, 0.999),
         warmup_steps: int = 0,
         ema_decay: float = 0.99,
         gradient_clip_val: float = 1.0,
@@ -127,44 +122,40 @@ class NetworkMStep:
     ):
         self.steps = check_int(steps, "mstep steps", 1)
         self.batch_size = check_int(batch_size, "mstep batch_size", 1)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-            raise ValueError(f"mstep lr must be > 0 and finite, got {lr!r}")
-        self.lr = float(lr)
-        self.weight_decay = _float(weight_decay, "weight_decay", 0.0)
+        self.lr = check_positive(lr, "mstep lr")
+        self.weight_decay = check_float(weight_decay, "mstep weight_decay")
         self.warmup_steps = check_int(warmup_steps, "mstep warmup_steps", 0)
-        self.ema_decay = _float(ema_decay, "ema_decay", 0.0, 1.0)
-        self.gradient_clip_val = _float(gradient_clip_val, "gradient_clip_val", 0.0)
+        self.ema_decay = check_float(
+            ema_decay, "mstep ema_decay", 0.0, maximum=1.0, strict_maximum=True
+        )
+        self.gradient_clip_val = check_float(gradient_clip_val, "mstep gradient_clip_val")
         self.checkpoint_every = check_int(checkpoint_every, "mstep checkpoint_every", 1)
-        if time_distribution not in TIME_DISTRIBUTIONS:
-            raise ValueError(
-                f"unknown mstep time_distribution {time_distribution!r}; "
-                f"expected one of {list(TIME_DISTRIBUTIONS)}"
-            )
-        self.time_distribution = time_distribution
+        self.time_distribution = check_choice(
+            time_distribution, "mstep time_distribution", TIME_DISTRIBUTIONS
+        )
+        try:
+            self.betas = check_betas(betas)
+        except ValueError as err:
+            raise ValueError(f"mstep {err}") from None
         from hierprior.training.module import AUGMENTATIONS
 
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"unknown mstep augment {augment!r}; expected one of {AUGMENTATIONS}")
-        self.augment = augment
+        self.augment = (
+            None if augment is None else check_choice(augment, "mstep augment", AUGMENTATIONS[1:])
+        )
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "M-step")
         check_devices(self.trainer, "M-step")
+        #: Lightning's precision, or "tf32" (Lightning's 32-true with TF32 on CUDA); any other
+        #: precision trains with TF32 off (hierprior.precision)
+        self.precision = str(self.trainer.get("precision", "32-true"))
         self.progress = bool(progress)
 
     def options(self) -> dict:
-        keys = (
-            "steps",
-            "batch_size",
-            "lr",
-            "weight_decay",
-            "warmup_steps",
-            "ema_decay",
-            "gradient_clip_val",
-            "time_distribution",
-        )
+        # what changes the trained prior (not the checkpoint interval)
+        keys = ("steps", "batch_size", *(k for k in TRAINER_VOCABULARY if k != "checkpoint_every"))
         return {
             "kind": "network",
             **{k: getattr(self, k) for k in keys},
-            "precision": str(self.trainer.get("precision", "32-true")),
+            "precision": self.precision,
             **({"augment": self.augment} if self.augment else {}),  # absent: older runs valid
         }
 
@@ -209,6 +200,7 @@ class NetworkMStep:
             raw,
             lr=self.lr,
             weight_decay=self.weight_decay,
+            betas=self.betas,
             warmup_steps=self.warmup_steps,
             ema_decay=self.ema_decay,
             time_distribution=self.time_distribution,
@@ -234,20 +226,35 @@ class NetworkMStep:
             default_root_dir=workdir,
             logger=False,
             # the loss of every step into workdir/loss.csv (state saved in last.ckpt)
-            callbacks=[checkpoint, LossCurve(workdir, 1, self.checkpoint_every)],
+            callbacks=[
+                checkpoint,
+                LossCurve(workdir, 1, self.checkpoint_every),
+                StopPoint("mstep", round_index),
+            ],
             gradient_clip_val=self.gradient_clip_val,
             enable_progress_bar=self.progress,
             enable_model_summary=False,
             **distributed,
-            **self.trainer,
+            **{**self.trainer, "precision": lightning_precision(self.precision)},
         )
         last = ckpt_dir / "last.ckpt"
         # rank 0 quarantines an unreadable checkpoint before the other ranks look
         rank_zero_first(lambda: last.exists() and _readable_checkpoint(last))
         resume = str(last) if last.exists() else None
-        runner.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
+        with precision_scope(self.precision, device_of(prior)):  # TF32 only for "tf32"
+            runner.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)
         raw_out = {k: v.detach().cpu() for k, v in module.denoiser.state_dict().items()}
         return module.sampling_prior(), {"raw": raw_out}
+
+
+class StopPoint(pl.Callback):
+    """Passes :func:`hierprior.runs.stop_point` (``phase``, round) after every optimiser step."""
+
+    def __init__(self, phase: str, round_index: int):
+        self.phase, self.round_index = phase, int(round_index)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop_point(self.phase, self.round_index)
 
 
 def _readable_checkpoint(path: Path) -> bool:

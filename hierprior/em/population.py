@@ -80,6 +80,7 @@ class Population:
         for name, model in (("forward model", self.forward), ("noise model", self.noise)):
             if model.num_obs is not None and model.num_obs != n:
                 raise ValueError(f"the {name} is for {model.num_obs} observations, y has {n}")
+        self.noise.check(self.y)  # e.g. a learned noise model of another observation shape
         if self.truth is not None:
             if tuple(self.truth.shape) != (n, *self.forward.input_shape):
                 raise ValueError(
@@ -134,10 +135,14 @@ class Population:
             )
 
     def fingerprint(self) -> str:
-        """Digest of the observations, the noise levels and the forward-model parameters."""
+        """Digest of the observations and of every tensor of the forward and noise models:
+        their buffers (noise levels, masks, lens parameters) and their parameters (the
+        weights of a neural noise model, e.g. a :class:`~hierprior.physics.LearnedNoise`'s
+        denoiser), each in name order. Models without parameters digest as before."""
         tensors = [self.y]
         for module in (self.forward, self.noise):
             tensors += [b for _, b in sorted(module.named_buffers(), key=lambda kv: kv[0])]
+            tensors += [p for _, p in sorted(module.named_parameters(), key=lambda kv: kv[0])]
         return tensor_fingerprint(*tensors)
 
     def save(self, path: str | Path) -> Path:

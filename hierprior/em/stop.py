@@ -73,7 +73,7 @@ import math
 import torch
 from torch import Tensor
 
-from hierprior.checks import check_int
+from hierprior.checks import check_float, check_int
 from hierprior.em.monitor import pqmass_metrics
 from hierprior.seeds import derived_generator
 
@@ -121,11 +121,7 @@ class StopRule:
         permutations: int = 1000,
         long_lag: bool = True,
     ):
-        if isinstance(level, bool) or not isinstance(level, (int, float)):
-            raise ValueError(f"stop level must be a number in (0, 1), got {level!r}")
-        if not 0.0 < float(level) < 1.0:
-            raise ValueError(f"stop level must lie in (0, 1), got {level}")
-        self.level = float(level)
+        self.level = check_float(level, "stop level", 0.0, True, 1.0, strict_maximum=True)
         self.min_rounds = check_int(min_rounds, "stop min_rounds", 1)
         self.patience = check_int(patience, "stop patience", 1)
         self.num_refs = check_int(num_refs, "stop num_refs", 2)

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.data.mnist import check_value_range, from_value_range, load_mnist
 from hierprior.evaluation.classifier import ImageClassifier
 from hierprior.io import atomic_save
@@ -70,11 +71,8 @@ class DigitClassifier(ImageClassifier):
         width: int = 16,
     ):
         super().__init__()
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
-            raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
-        self.resolution = resolution
+        self.resolution = check_int(resolution, "resolution", 8)
+        width = check_int(width, "width")
         self.value_range = check_value_range(value_range)
         self.width = width
         #: accuracy on the bundled test split, set when trained or loaded (NaN if unknown)
@@ -248,14 +246,12 @@ def load_digit_classifier(
         >>> share = clf.share(x, digits=range(5, 10))  # about 0.99
     """
 
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
-        raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
+    resolution = check_int(resolution, "resolution", 8)
     if resize not in ("interpolate", "pad"):
         raise ValueError(f"resize must be 'interpolate' or 'pad', got {resize!r}")
     if resize == "pad" and resolution < 28:
         raise ValueError(f"resize='pad' needs resolution >= 28, got {resolution}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive int, got {epochs!r}")
+    epochs = check_int(epochs, "epochs")
     value_range = check_value_range(value_range)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     suffix = "_pad" if resize == "pad" else ""

@@ -85,6 +85,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.data.galaxies import make_galaxies
 from hierprior.data.mnist import check_value_range, from_value_range
 from hierprior.evaluation.classifier import ImageClassifier
@@ -111,12 +112,6 @@ _OFFSET = 0.01
 _DISK = {"arm_contrast": 0.0}
 
 
-def _check_resolution(resolution: object) -> int:
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
-        raise ValueError(f"resolution must be an int >= 8, got {resolution!r}")
-    return resolution
-
-
 class MorphologyClassifier(ImageClassifier):
     r"""Small CNN that classifies (B, 1, R, R) galaxy images as elliptical, disk or spiral.
 
@@ -141,9 +136,8 @@ class MorphologyClassifier(ImageClassifier):
         width: int = 12,
     ):
         super().__init__()
-        self.resolution = _check_resolution(resolution)
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
+        self.resolution = check_int(resolution, "resolution", 8)
+        width = check_int(width, "width")
         self.value_range = check_value_range(value_range)
         self.width = width
         #: accuracy on the held-out test galaxies, set when trained or loaded (NaN if unknown)
@@ -327,11 +321,9 @@ def load_morphology_classifier(
         >>> share = (clf.classify(x) == CLASSES.index("spiral")).float().mean()  # about 1
     """
 
-    resolution = _check_resolution(resolution)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or not 1 <= epochs <= _MAX_EPOCHS:
-        raise ValueError(f"epochs must be an int in [1, {_MAX_EPOCHS}], got {epochs!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    resolution = check_int(resolution, "resolution", 8)
+    epochs = check_int(epochs, "epochs", 1, _MAX_EPOCHS)
+    seed = check_int(seed, "seed", None)
     value_range = check_value_range(value_range)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = folder / f"morphology_classifier_r{resolution}.pt"

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hierprior.physics.forward import _as_shape
+from hierprior.checks import check_shape
 from hierprior.physics.nonlinear import NonLinear
 
 __all__ = ["CausticsForwardModel", "caustics_forward_model"]
@@ -72,7 +72,7 @@ def _require_caustics() -> Any:
 def _size2(size: object, name: str) -> tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         size = (size, size)
-    shape = _as_shape(size, name)
+    shape = check_shape(size, name)
     if len(shape) != 2:
         raise ValueError(f"{name} must be an int or (rows, columns); got {size!r}")
     return shape
@@ -373,8 +373,8 @@ def caustics_forward_model(
     if len(set(keys)) != len(keys):
         raise ValueError(f"the simulator's parameter keys are not unique: {keys}; rename modules")
 
-    in_shape = _as_shape(input_shape or (1, *source_hw), "input_shape")
-    out_shape = _as_shape(output_shape or (1, *image_hw), "output_shape")
+    in_shape = check_shape(input_shape or (1, *source_hw), "input_shape")
+    out_shape = check_shape(output_shape or (1, *image_hw), "output_shape")
     if math.prod(in_shape) != math.prod(source_hw):
         raise ValueError(f"input_shape {in_shape} does not hold a {source_hw} source image")
     if math.prod(out_shape) != math.prod(image_hw):

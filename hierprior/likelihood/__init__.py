@@ -11,7 +11,9 @@ its score in the likelihood :math:`p(y \mid \eta) = Q(y - M(\eta))`:
   model's VJP and samples new noise realisations;
 - :func:`langevin` samples low-dimensional parameters :math:`\eta` under either likelihood;
 - :mod:`hierprior.likelihood.simulate` makes non-Gaussian image noise (correlated Gaussian
-  noise plus cosmic rays).
+  noise plus cosmic rays), and :func:`correlated_learned_noise` is correlated Gaussian noise
+  as a SLIC noise model with an exact (analytic) denoiser: the learned-noise option of the EM
+  populations (``population/noise=learned_correlated``).
 
 References:
     Legin, Adam, Hezaveh & Perreault-Levasseur (2023), Beyond Gaussian Noise: A Generalized
@@ -20,15 +22,18 @@ References:
 
 from hierprior.likelihood.langevin import langevin, log_posterior_gradient
 from hierprior.likelihood.simulate import (
+    correlated_learned_noise,
     correlated_noise,
     correlated_noise_covariance,
     cosmic_rays,
     noise_realisations,
 )
-from hierprior.physics.learned_noise import LearnedNoise, likelihood_score, noise_score
+from hierprior.physics.learned_noise import LearnedNoise
+from hierprior.physics.noise import likelihood_score, noise_score
 
 __all__ = [
     "LearnedNoise",
+    "correlated_learned_noise",
     "correlated_noise",
     "correlated_noise_covariance",
     "cosmic_rays",

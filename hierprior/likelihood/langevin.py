@@ -10,8 +10,8 @@ unadjusted Langevin chains per observation,
         + \sqrt{2 \tau}\, L \xi, \qquad L L^\top = P, \quad \xi \sim \mathcal{N}(0, I),
 
 with the likelihood score :math:`\nabla_\eta \log p(y \mid \eta) = -J_M^\top s(y - M(\eta))`
-(:func:`~hierprior.physics.likelihood_score`: :math:`s(r) = -\Sigma^{-1} r` for
-:class:`~hierprior.physics.GaussianNoise`, the learned noise score for
+(:func:`~hierprior.physics.likelihood_score`, with s the noise model's score: :math:`s(r) =
+-\Sigma^{-1} r` for Gaussian noise, the learned noise score for
 :class:`~hierprior.physics.LearnedNoise`) and the prior score by autograd. :math:`P` is a
 constant preconditioner (identity by default, the update of Legin et al. 2023), given or
 *adapted during burn-in*: ``adapt = k`` replaces it k times during the first half of the
@@ -49,25 +49,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
-from hierprior.physics.learned_noise import noise_score
-from hierprior.posterior.base import PosteriorSamplingError
+from hierprior.checks import check_int, check_positive
+from hierprior.physics import ForwardModel, NoiseModel, noise_score
+from hierprior.posterior.base import PosteriorSamplingError, check_data
 
 __all__ = ["langevin", "log_posterior_gradient"]
-
-
-def _int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _positive(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return float(value)
 
 
 def _check(forward: ForwardModel, noise: NoiseModel, y: Tensor) -> None:
@@ -78,30 +64,7 @@ def _check(forward: ForwardModel, noise: NoiseModel, y: Tensor) -> None:
             f"forward must map a parameter vector (input_shape (d,)), got input_shape "
             f"{forward.input_shape}"
         )
-    if not isinstance(noise, (GaussianNoise, LearnedNoise)):
-        raise TypeError(
-            f"noise must be a GaussianNoise or a LearnedNoise, got {type(noise).__name__}"
-        )
-    if not isinstance(y, Tensor) or not y.is_floating_point():
-        raise TypeError(f"y must be a floating-point tensor, got {type(y).__name__}")
-    out = tuple(forward.output_shape)
-    if y.dim() != len(out) + 1 or tuple(y.shape[1:]) != out or y.shape[0] < 1:
-        raise ValueError(
-            f"y must have shape (N, {', '.join(map(str, out))}) (forward.output_shape), got "
-            f"{tuple(y.shape)}"
-        )
-    n = y.shape[0]
-    for name, count in (("forward", forward.num_obs), ("noise", noise.num_obs)):
-        if count is not None and count != n:
-            raise ValueError(f"y has N = {n} observations but {name}.num_obs = {count}")
-    shape = getattr(noise, "obs_shape", None)
-    if shape is not None and tuple(shape) != out:
-        raise ValueError(
-            f"the noise model has obs_shape {tuple(shape)} but forward.output_shape is {out}"
-        )
-    bad = ~torch.isfinite(y.flatten(1)).all(1)
-    if bool(bad.any()):
-        raise ValueError(f"y holds NaN or Inf in observations {bad.nonzero().flatten().tolist()}")
+    check_data(forward, noise, y)
 
 
 def _log_prior_fn(prior) -> Callable[[Tensor], Tensor]:
@@ -125,8 +88,8 @@ def log_posterior_gradient(
 
     Arguments:
         forward: the model :math:`M`, input_shape (d,).
-        noise: a :class:`~hierprior.physics.GaussianNoise` or
-            :class:`~hierprior.physics.LearnedNoise`.
+        noise: any :class:`~hierprior.physics.NoiseModel` (e.g.
+            :class:`~hierprior.physics.GaussianNoise` or :class:`~hierprior.physics.LearnedNoise`).
         y: the observations, with shape (N, *forward.output_shape).
         prior: :math:`p(\eta)`: a ``torch.distributions.Distribution`` whose ``log_prob`` maps
             (N, C, d) to (N, C) (event shape (d,), e.g. ``Independent(Normal(loc, scale), 1)``
@@ -236,8 +199,9 @@ def langevin(
     Arguments:
         forward: the model :math:`M`: a :class:`~hierprior.physics.ForwardModel` with
             ``input_shape = (d,)`` (per-observation with num_obs = N, or shared).
-        noise: :class:`~hierprior.physics.GaussianNoise` (the Gaussian likelihood) or
-            :class:`~hierprior.physics.LearnedNoise` (SLIC).
+        noise: any :class:`~hierprior.physics.NoiseModel`:
+            :class:`~hierprior.physics.GaussianNoise` (the Gaussian likelihood),
+            :class:`~hierprior.physics.LearnedNoise` (SLIC), ...
         y: the observations, with shape (N, *forward.output_shape), finite.
         prior: :math:`p(\eta)`, a ``torch.distributions.Distribution`` with event shape (d,)
             (``log_prob`` of (N, C, d) is (N, C)) or a callable doing the same; use priors with
@@ -272,12 +236,12 @@ def langevin(
     _check(forward, noise, y)
     n = y.shape[0]
     d = forward.input_shape[0]
-    num_samples = _int(num_samples, "num_samples", 1)
-    burn_in = _int(burn_in, "burn_in", 0)
-    thin = _int(thin, "thin", 1)
-    adapt = _int(adapt, "adapt", 0)
-    tau = _positive(step_size, "step_size")
-    fd_step = _positive(fd_step, "fd_step")
+    num_samples = check_int(num_samples, "num_samples", 1)
+    burn_in = check_int(burn_in, "burn_in", 0)
+    thin = check_int(thin, "thin", 1)
+    adapt = check_int(adapt, "adapt", 0)
+    tau = check_positive(step_size, "step_size")
+    fd_step = check_positive(fd_step, "fd_step")
     if adapt and burn_in < 2 * adapt:
         raise ValueError(f"adapt = {adapt} needs burn_in >= {2 * adapt}, got {burn_in}")
     _log_prior_fn(prior)

@@ -92,6 +92,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int, check_optional_int
 from hierprior.metrics.pqmass import as_generator
 from hierprior.metrics.tarp import _as_tensor, samples_and_truth
 
@@ -141,9 +142,7 @@ def mira_null_moments(num_samples: int) -> tuple[float, float]:
     mean (2S + 1)/(3(S + 1)) and variance (S + 2)(S - 1)/(18 (S + 1)^2), tending to 2/3 and
     1/18 (the moments of Beta(2, 1)).
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    s = num_samples
+    s = check_int(num_samples, "num_samples", 2)
     return (2 * s + 1) / (3 * (s + 1)), (s + 2) * (s - 1) / (18 * (s + 1) ** 2)
 
 
@@ -233,10 +232,7 @@ def mira(
         raise ValueError(
             f"samples and truth are on different devices: {samples.device}, {truth.device}"
         )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_optional_int(chunk_size, "chunk_size")
     device = truth.device
     dim = math.prod(event)
     if dim == 0:
@@ -252,9 +248,7 @@ def mira(
     theta = (theta - shift) / scale
 
     if centers is None:
-        if isinstance(num_regions, bool) or not isinstance(num_regions, int) or num_regions < 1:
-            raise ValueError(f"num_regions must be an int >= 1, got {num_regions!r}")
-        num_r = num_regions
+        num_r = check_int(num_regions, "num_regions")
     else:
         centers = _as_tensor("centers", centers).to(device)
         if tuple(centers.shape) == (n, *event):

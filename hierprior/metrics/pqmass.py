@@ -82,6 +82,8 @@ import torch
 from scipy import optimize, special, stats
 from torch import Tensor
 
+from hierprior.checks import check_int, check_optional_int
+
 __all__ = ["PQMassResult", "pqmass"]
 
 # Elements of one distance block (chunk of samples x references): 2**23 float32 (32 MiB) stays
@@ -433,10 +435,8 @@ def pqmass(
     n_x, n_y, dim = x.shape[0], y.shape[0], x.shape[1]
     if n_x < 2 or n_y < 2:
         raise ValueError(f"need at least 2 samples of each of x and y, got {n_x} and {n_y}")
-    if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 0:
-        raise ValueError(f"permutations must be a non-negative int, got {permutations!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_int(permutations, "permutations", 0)
+    check_optional_int(chunk_size, "chunk_size")
     if not isinstance(paired, bool):
         raise TypeError(f"paired must be a bool, got {paired!r}")
     if groups is not None and not paired:
@@ -493,12 +493,8 @@ def pqmass(
         cells = _assign(pool, refs.reshape(t * k, dim), None, t, k, chunk_size)
         keep = torch.ones((t, n), dtype=torch.bool, device=device)
     else:
-        for name, value, low in (
-            ("num_refs", num_refs, 2),
-            ("re_tessellations", re_tessellations, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_int(num_refs, "num_refs", 2)
+        check_int(re_tessellations, "re_tessellations", 1)
         t, k = re_tessellations, num_refs
         if n <= k + 2:
             raise ValueError(

@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int, check_tensor
+
 __all__ = ["residual_chi2"]
 
 
@@ -63,14 +65,8 @@ def residual_chi2(
         tensor([4., 4., 4., 4.])
     """
     for name, value in (("y", y), ("y_pred", y_pred)):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value)}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"{name} contains NaN or Inf values")
-    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 1:
-        raise ValueError(f"batch_dims must be an int >= 1, got {batch_dims!r}")
+        check_tensor(value, name, floating=True, finite=True)
+    check_int(batch_dims, "batch_dims")
     if y.ndim != y_pred.ndim:
         raise ValueError(
             f"y and y_pred must have the same number of dims, got shapes {tuple(y.shape)} and "

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.metrics.pqmass import as_generator
 
 __all__ = ["TARPResult", "tarp"]
@@ -167,9 +168,8 @@ def tarp(
     event = tuple(truth.shape[1:])
     if n < 2 or s < 1:
         raise ValueError(f"need at least 2 simulations and 1 sample each, got N={n}, S={s}")
-    for name, value, low in (("num_alpha", num_alpha, 2), ("bootstrap", bootstrap, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    check_int(num_alpha, "num_alpha", 2)
+    check_int(bootstrap, "bootstrap", 0)
     if samples.device != truth.device:
         raise ValueError(
             f"samples and truth are on different devices: {samples.device}, {truth.device}"
@@ -189,8 +189,7 @@ def tarp(
     if references is None or bootstrap > 0:
         g = as_generator(generator, device)
     if references is None:
-        if isinstance(num_refs, bool) or not isinstance(num_refs, int) or num_refs < 1:
-            raise ValueError(f"num_refs must be an int >= 1, got {num_refs!r}")
+        check_int(num_refs, "num_refs")
         low, high = theta.min(0).values, theta.max(0).values
         u = torch.rand((n, num_refs, dim), generator=g, device=g.device, dtype=dtype)
         refs = low + (high - low) * u.to(device)

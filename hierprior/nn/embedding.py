@@ -50,29 +50,16 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from hierprior.checks import check_int
+
 EMBEDDINGS = ("positional", "fourier")
-
-
-def _positive_int(name: str, value: object) -> int:
-    """Returns ``value`` as an int, or raises if it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            as_int = int(value)  # accepts numpy and 0-d tensor integers
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a positive int, got {value!r}") from None
-        if as_int != value:
-            raise TypeError(f"{name} must be a positive int, got {value!r}")
-        value = as_int
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
 
 
 def _int_tuple(name: str, values: Iterable, allow_empty: bool = False) -> tuple[int, ...]:
     """Returns ``values`` (a list, tuple or hydra ``ListConfig``) as a tuple of positive ints."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be a sequence of positive ints, got {values!r}")
-    out = tuple(_positive_int(f"{name}[{i}]", v) for i, v in enumerate(values))
+    out = tuple(check_int(v, f"{name}[{i}]") for i, v in enumerate(values))
     if not out and not allow_empty:
         raise ValueError(f"{name} must not be empty")
     return out
@@ -140,7 +127,7 @@ class PositionalEmbedding(_CosSinFeatures):
 
     def __init__(self, dim: int, max_positions: int = 10000, scale: float = 1000.0) -> None:
         super().__init__()
-        dim = _positive_int("dim", dim)
+        dim = check_int(dim, "dim")
         if dim % 2:
             raise ValueError(f"dim must be even, got {dim}")
         if max_positions <= 1:
@@ -178,7 +165,7 @@ class FourierEmbedding(_CosSinFeatures):
 
     def __init__(self, dim: int, scale: float = 16.0, seed: int = 0) -> None:
         super().__init__()
-        dim = _positive_int("dim", dim)
+        dim = check_int(dim, "dim")
         if dim % 2:
             raise ValueError(f"dim must be even, got {dim}")
         if not scale > 0:
@@ -223,8 +210,8 @@ class NoiseEmbedding(nn.Module):
         max_positions: int = 10000,
     ) -> None:
         super().__init__()
-        emb_dim = _positive_int("emb_dim", emb_dim)
-        base_dim = emb_dim if base_dim is None else _positive_int("base_dim", base_dim)
+        emb_dim = check_int(emb_dim, "emb_dim")
+        base_dim = emb_dim if base_dim is None else check_int(base_dim, "base_dim")
         base_dim += base_dim % 2  # sin/cos pairs need an even width
         if kind == "positional":
             self.base = PositionalEmbedding(base_dim, max_positions=max_positions)

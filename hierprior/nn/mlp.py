@@ -32,11 +32,11 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from hierprior.checks import check_int
 from hierprior.nn.embedding import (
     EMBEDDINGS,
     NoiseEmbedding,
     _int_tuple,
-    _positive_int,
     check_c_noise,
 )
 
@@ -131,9 +131,9 @@ class MLP(nn.Module):
         embedding: str = "positional",
     ) -> None:
         super().__init__()
-        features = _positive_int("features", features)
+        features = check_int(features, "features")
         hidden = _int_tuple("hidden", hidden)
-        emb_dim = _positive_int("emb_dim", emb_dim)
+        emb_dim = check_int(emb_dim, "emb_dim")
         dropout = float(dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")

@@ -52,11 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hierprior.checks import check_int
 from hierprior.nn.embedding import (
     EMBEDDINGS,
     NoiseEmbedding,
     _int_tuple,
-    _positive_int,
     check_c_noise,
 )
 
@@ -246,19 +246,19 @@ class UNet(nn.Module):
         mid_attention: bool = True,
     ) -> None:
         super().__init__()
-        in_channels = _positive_int("in_channels", in_channels)
+        in_channels = check_int(in_channels, "in_channels")
         out_channels = (
-            in_channels if out_channels is None else _positive_int("out_channels", out_channels)
+            in_channels if out_channels is None else check_int(out_channels, "out_channels")
         )
-        image_size = _positive_int("image_size", image_size)
+        image_size = check_int(image_size, "image_size")
         channels = _int_tuple("channels", channels)
-        num_res_blocks = _positive_int("num_res_blocks", num_res_blocks)
+        num_res_blocks = check_int(num_res_blocks, "num_res_blocks")
         attention_resolutions = _int_tuple(
             "attention_resolutions", attention_resolutions, allow_empty=True
         )
-        emb_dim = 4 * channels[0] if emb_dim is None else _positive_int("emb_dim", emb_dim)
-        num_heads = _positive_int("num_heads", num_heads)
-        groups = _positive_int("groups", groups)
+        emb_dim = 4 * channels[0] if emb_dim is None else check_int(emb_dim, "emb_dim")
+        num_heads = check_int(num_heads, "num_heads")
+        groups = check_int(groups, "groups")
         dropout = float(dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")

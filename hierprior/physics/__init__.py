@@ -4,7 +4,7 @@ See :mod:`hierprior.physics.forward` for the shape conventions shared by every m
 """
 
 from hierprior.physics.forward import Compose, ForwardModel, Identity, observation_index
-from hierprior.physics.learned_noise import LearnedNoise, likelihood_score, noise_score
+from hierprior.physics.learned_noise import LearnedNoise
 from hierprior.physics.lensing import (
     SIE,
     SIS,
@@ -15,7 +15,13 @@ from hierprior.physics.lensing import (
     Shear,
 )
 from hierprior.physics.linear import Blur, DenseLinear, Downsample, Mask, Reshape
-from hierprior.physics.noise import GaussianNoise, NoiseModel
+from hierprior.physics.noise import (
+    GaussianNoise,
+    GaussianNoiseModel,
+    NoiseModel,
+    likelihood_score,
+    noise_score,
+)
 from hierprior.physics.nonlinear import NonLinear
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "PointMass",
     "PixelatedConvergence",
     "NoiseModel",
+    "GaussianNoiseModel",
     "GaussianNoise",
     "LearnedNoise",
     "noise_score",

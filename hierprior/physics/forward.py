@@ -42,6 +42,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from hierprior.checks import check_optional_int, check_shape, check_tensor
+
 __all__ = ["ForwardModel", "Identity", "Compose", "observation_index"]
 
 
@@ -99,19 +101,6 @@ def observation_index(idx: object, num_obs: int) -> Tensor:
     return index
 
 
-def _as_shape(shape: object, name: str) -> tuple[int, ...]:
-    if isinstance(shape, int) and not isinstance(shape, bool):
-        shape = (shape,)
-    if not isinstance(shape, (Sequence, torch.Size)) or isinstance(shape, str):
-        raise TypeError(f"{name} must be a tuple of ints; got {shape!r}")
-    out = []
-    for s in shape:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise ValueError(f"{name} must be a tuple of positive ints; got {tuple(shape)}")
-        out.append(int(s))
-    return tuple(out)
-
-
 class ObservationCount:
     """``len()`` = num_obs for per-observation models; shared ones (num_obs None) have none."""
 
@@ -153,13 +142,9 @@ class ForwardModel(ObservationCount, nn.Module, abc.ABC):
         num_obs: int | None = None,
     ):
         super().__init__()
-        self.input_shape = _as_shape(input_shape, "input_shape")
-        self.output_shape = _as_shape(output_shape, "output_shape")
-        if num_obs is not None and (
-            isinstance(num_obs, bool) or not isinstance(num_obs, int) or num_obs < 1
-        ):
-            raise ValueError(f"num_obs must be a positive int or None; got {num_obs!r}")
-        self.num_obs = num_obs
+        self.input_shape = check_shape(input_shape, "input_shape")
+        self.output_shape = check_shape(output_shape, "output_shape")
+        self.num_obs = check_optional_int(num_obs, "num_obs")
 
     @property
     def shared(self) -> bool:
@@ -184,8 +169,7 @@ class ForwardModel(ObservationCount, nn.Module, abc.ABC):
     # ----------------------------------------------------------------- shape handling
     def _batch(self, t: Tensor, event: tuple[int, ...], name: str) -> tuple[Tensor, tuple]:
         """Reshapes t (*lead, *event) to (N, S, *event); returns it and lead."""
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        check_tensor(t, name)
         k = len(event)
         if t.dim() < k or tuple(t.shape[t.dim() - k :]) != event:
             raise ValueError(
@@ -204,8 +188,7 @@ class ForwardModel(ObservationCount, nn.Module, abc.ABC):
         return (t.unsqueeze(1) if len(lead) == 1 else t), lead
 
     def _check_like(self, t: Tensor, shape: tuple[int, ...], name: str) -> None:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        check_tensor(t, name)
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}; got {tuple(t.shape)}")
 

@@ -10,7 +10,7 @@ gives the score :math:`s(n) = \nabla_n \log Q(n)`, and since :math:`y = M(\eta) 
     \log p(y \mid \eta) = \log Q(y - M(\eta)), \qquad
     \nabla_\eta \log p(y \mid \eta) = -J_M(\eta)^\top s(y - M(\eta)),
 
-one VJP through the forward model (:func:`likelihood_score`).
+one VJP through the forward model (:func:`~hierprior.physics.likelihood_score`).
 
 **Which score.** The denoiser :math:`D(x_t, t) \approx E[u \mid x_t]` of the noise in units of
 ``scale`` (:math:`u = n / \mathrm{scale}`), with :math:`x_t = \alpha_t u + \sigma_t
@@ -40,7 +40,7 @@ The best s depends on how well the network is trained: a small CPU-trained U-Net
 (experiments/slic/README.md) gave calibrated 4-parameter posteriors at s = 0.3 and slightly
 over-confident ones at s = 0.1; an MLP on 8-d Gaussian noise (tests/test_slic.py) has a 7%
 score error at s = 0.15. The curvature of :math:`-\log Q_s` is bounded by
-:math:`1/(\mathrm{scale}\, s)^2` (:meth:`LearnedNoise.curvature_bound`), which sets safe step
+:math:`1/(\mathrm{scale}\, s)^2` (:meth:`LearnedNoise.curvature`), which sets safe step
 sizes.
 
 Sampling new realisations runs the diffusion model's sampler (:meth:`LearnedNoise.sample`);
@@ -49,9 +49,13 @@ residual (Gauss-Legendre), which gives :math:`\log Q_s(r)` up to the constant
 :math:`\log Q_s(0)` (the same for every residual; likelihood *ratios* are exact when the learned
 field is a gradient).
 
-:func:`noise_score` and :func:`likelihood_score` give the score and the likelihood score of any
-supported noise model (:class:`~hierprior.physics.GaussianNoise` in closed form, or
-:class:`LearnedNoise`).
+:class:`LearnedNoise` is a :class:`~hierprior.physics.NoiseModel` (``gaussian`` False): every
+posterior method that needs only a likelihood score or value takes it (dps, daps with Langevin,
+tds with the dps twist, :func:`~hierprior.likelihood.langevin`). Its marginal scale
+(:meth:`LearnedNoise.std`) is the noise unit ``scale``: the EM monitor's residual
+:math:`\chi^2/\nu` is then in units of ``scale^2`` (1 when the realisations in units of
+``scale`` have unit variance, as :func:`~hierprior.likelihood.noise_realisations` makes the
+Gaussian part).
 
 References:
     Legin, Adam, Hezaveh & Perreault-Levasseur (2023), Beyond Gaussian Noise: A Generalized
@@ -68,30 +72,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hierprior.checks import (
+    check_int,
+    check_optional_int,
+    check_positive,
+    check_shape,
+    check_tensor,
+)
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.diffusion.sampling import check_sampler, sample
+from hierprior.diffusion.sampling import check_sampler, resolve_spacing, sample
 from hierprior.io import device_dtype
-from hierprior.physics.forward import ForwardModel
-from hierprior.physics.noise import GaussianNoise, NoiseModel
+from hierprior.physics.noise import NoiseModel
 
-__all__ = ["LearnedNoise", "noise_score", "likelihood_score"]
-
-_SPACINGS = ("edm", "uniform", "logsnr")
-
-
-def _positive_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return value
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+__all__ = ["LearnedNoise"]
 
 
 class LearnedNoise(NoiseModel):
@@ -112,7 +105,8 @@ class LearnedNoise(NoiseModel):
         obs_shape: the event shape of an observation; default ``denoiser.event_shape``.
         sampler: the diffusion sampler of :meth:`sample` (``"heun"``, ``"ddpm"``, ...).
         steps: its time steps.
-        spacing: its time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: its time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``; None: the sampler's
+            own (:func:`~hierprior.diffusion.sampling.default_spacing`).
         quadrature: Gauss-Legendre points of the line integral of :meth:`log_prob`.
         batch_size: the largest number of rows per denoiser call (memory), or None.
 
@@ -130,7 +124,7 @@ class LearnedNoise(NoiseModel):
         *,
         sampler: str = "heun",
         steps: int = 64,
-        spacing: str = "edm",
+        spacing: str | None = None,
         quadrature: int = 8,
         batch_size: int | None = None,
     ):
@@ -140,13 +134,7 @@ class LearnedNoise(NoiseModel):
         event = tuple(int(v) for v in denoiser.event_shape)
         if obs_shape is None:
             obs_shape = event
-        if isinstance(obs_shape, int):
-            obs_shape = (obs_shape,)
-        obs_shape = tuple(obs_shape)
-        if not obs_shape or any(
-            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in obs_shape
-        ):
-            raise ValueError(f"obs_shape must be a tuple of positive ints, got {obs_shape!r}")
+        obs_shape = check_shape(obs_shape, "obs_shape")
         if math.prod(obs_shape) != math.prod(event):
             raise ValueError(
                 f"obs_shape {obs_shape} has {math.prod(obs_shape)} values but the denoiser's "
@@ -161,10 +149,10 @@ class LearnedNoise(NoiseModel):
                 )
             scale = scale.detach()
         else:
-            scale = torch.tensor(_positive_float(scale, "scale"), dtype=torch.float64)
+            scale = torch.tensor(check_positive(scale, "scale"), dtype=torch.float64)
         if not (torch.isfinite(scale).all() and (scale > 0).all()):
             raise ValueError("scale must be finite and > 0")
-        self.smoothing = _positive_float(smoothing, "smoothing")
+        self.smoothing = check_positive(smoothing, "smoothing")
         schedule = denoiser.schedule
         s_max = float(schedule.ratio(torch.tensor(1.0, dtype=torch.float64)))
         if self.smoothing > s_max:
@@ -173,8 +161,7 @@ class LearnedNoise(NoiseModel):
                 f"{s_max:g}"
             )
         check_sampler(sampler, steps)
-        if spacing not in _SPACINGS:
-            raise ValueError(f"unknown spacing {spacing!r}; expected one of {list(_SPACINGS)}")
+        spacing = resolve_spacing(sampler, spacing)
         self.denoiser = denoiser
         self.obs_shape = obs_shape
         self.num_obs = scale.shape[0] if scale.dim() == 1 else None
@@ -186,8 +173,8 @@ class LearnedNoise(NoiseModel):
         self._alpha = float(alpha)
         self._s = float(sigma / alpha)  # = smoothing up to the bisection's precision
         self.sampler, self.steps, self.spacing = sampler, steps, spacing
-        self.quadrature = _positive_int(quadrature, "quadrature")
-        self.batch_size = None if batch_size is None else _positive_int(batch_size, "batch_size")
+        self.quadrature = check_int(quadrature, "quadrature")
+        self.batch_size = check_optional_int(batch_size, "batch_size")
         self.denoiser.requires_grad_(False)
 
     def extra_repr(self) -> str:
@@ -218,8 +205,16 @@ class LearnedNoise(NoiseModel):
             return s
         return s.reshape(self.num_obs, *([1] * (t.dim() - 1)))
 
+    def std(self, like: Tensor) -> Tensor:
+        """The noise unit ``scale`` broadcast to the shape (N, [S,] *obs_shape) of like, in its
+        dtype: the marginal standard deviation when the realisations in units of ``scale``
+        have unit variance (the residual chi2/nu of the EM monitor is in units of scale^2)."""
+        check_tensor(like, "like")
+        self._lead(tuple(like.shape), "like")
+        return self._scale_like(like).expand(like.shape)
+
     # ----------------------------------------------------------------- score
-    def curvature_bound(self) -> Tensor:
+    def curvature(self) -> Tensor:
         r""":math:`1/(\mathrm{scale}\, s)^2`, bounding the curvature of :math:`-\log Q_s`.
 
         Returns a 0-d tensor (shared scale) or one with shape (N,). It holds for the exact
@@ -232,8 +227,7 @@ class LearnedNoise(NoiseModel):
     def score(self, n: Tensor) -> Tensor:
         r""":math:`\nabla_n \log Q_s(n)` for n with shape (*lead, *obs_shape) (lead = (N, [S])
         with a per-observation scale); same shape and dtype, detached."""
-        if not isinstance(n, Tensor) or not n.is_floating_point():
-            raise TypeError(f"n must be a floating-point tensor, got {type(n).__name__}")
+        check_tensor(n, "n", floating=True)
         lead = self._lead(tuple(n.shape), "n")
         device, dtype = device_dtype(self.denoiser)
         scale = self._scale_like(n)
@@ -300,27 +294,7 @@ class LearnedNoise(NoiseModel):
         Returns:
             A tensor with shape (N,) or (N, S).
         """
-        for name, t in (("y", y), ("y_pred", y_pred)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a tensor; got {type(t).__name__}")
-        k = len(self.obs_shape)
-        ly, lp = y.dim() - k, y_pred.dim() - k
-        if (
-            ly not in (1, 2)
-            or lp not in (1, 2)
-            or tuple(y.shape[ly:]) != self.obs_shape
-            or tuple(y_pred.shape[lp:]) != self.obs_shape
-            or y.shape[0] != y_pred.shape[0]
-        ):
-            raise ValueError(
-                f"y and y_pred must have shapes (N, [S,] *{self.obs_shape}) with the same N; "
-                f"got {tuple(y.shape)} and {tuple(y_pred.shape)}"
-            )
-        if ly < lp:
-            y = y.unsqueeze(1)
-        elif lp < ly:
-            y_pred = y_pred.unsqueeze(1)
-        r = y - y_pred
+        r, k = self._residual(y, y_pred)
         nodes, weights = np.polynomial.legendre.leggauss(self.quadrature)
         dims = tuple(range(r.dim() - k, r.dim()))
         total = torch.zeros(r.shape[: r.dim() - k], dtype=r.dtype, device=r.device)
@@ -344,39 +318,3 @@ class LearnedNoise(NoiseModel):
             quadrature=self.quadrature,
             batch_size=self.batch_size,
         )
-
-
-def noise_score(noise: NoiseModel, n: Tensor) -> Tensor:
-    r"""The score :math:`\nabla_n \log p(n)` of a noise model at n (shape (N, [S,] *obs_shape)).
-
-    :class:`~hierprior.physics.GaussianNoise`: :math:`-\Sigma^{-1} n`; :class:`LearnedNoise`:
-    its learned (smoothed) score :meth:`LearnedNoise.score`.
-    """
-    if isinstance(noise, GaussianNoise):
-        return -noise.inv_cov_action(n)
-    if isinstance(noise, LearnedNoise):
-        return noise.score(n)
-    raise TypeError(f"noise must be a GaussianNoise or a LearnedNoise, got {type(noise).__name__}")
-
-
-def likelihood_score(forward: ForwardModel, noise: NoiseModel, y: Tensor, x: Tensor) -> Tensor:
-    r""":math:`\nabla_x \log p(y \mid x) = -J_A(x)^\top s(y - A(x))`, by one VJP through A.
-
-    Arguments:
-        forward: the forward model A.
-        noise: a :class:`~hierprior.physics.GaussianNoise` or :class:`LearnedNoise`.
-        y: the observations, with shape (N, *forward.output_shape).
-        x: the signals (or parameters), with shape (N, [S,] *forward.input_shape).
-
-    Returns:
-        The likelihood score with the shape of x (detached).
-    """
-    if not isinstance(forward, ForwardModel):
-        raise TypeError(f"forward must be a ForwardModel, got {type(forward).__name__}")
-    with torch.enable_grad():
-        leaf = x.detach().requires_grad_(True)
-        y_pred = forward(leaf)
-        target = y if y_pred.dim() == y.dim() else y.unsqueeze(1)
-        cotangent = -noise_score(noise, (target - y_pred).detach())
-        (grad,) = torch.autograd.grad(y_pred, leaf, grad_outputs=cotangent)
-    return grad

@@ -37,19 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hierprior.physics.forward import ForwardModel, _as_shape
+from hierprior.checks import check_int, check_shape, check_tensor
+from hierprior.physics.forward import ForwardModel
 
 __all__ = ["DenseLinear", "Mask", "Blur", "Downsample", "Reshape"]
-
-
-def _check_tensor(t: object, name: str, floating: bool = True) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if floating and not t.dtype.is_floating_point:
-        raise TypeError(f"{name} must have a floating dtype; got {t.dtype}")
-    if floating and not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return t
 
 
 def _fast_size(n: int) -> int:
@@ -79,11 +70,11 @@ class DenseLinear(ForwardModel):
     linear = True
 
     def __init__(self, A: Tensor, input_shape: Sequence[int] | None = None):
-        _check_tensor(A, "A")
+        check_tensor(A, "A", floating=True, finite=True)
         if A.dim() not in (2, 3):
             raise ValueError(f"A must have shape (N, M, D) or (M, D); got {tuple(A.shape)}")
         M, D = A.shape[-2:]
-        input_shape = (D,) if input_shape is None else _as_shape(input_shape, "input_shape")
+        input_shape = (D,) if input_shape is None else check_shape(input_shape, "input_shape")
         if math.prod(input_shape) != D:
             raise ValueError(
                 f"input_shape {input_shape} has {math.prod(input_shape)} elements but A has "
@@ -126,7 +117,7 @@ class Mask(ForwardModel):
     linear = True
 
     def __init__(self, masks: Tensor, per_observation: bool = True):
-        _check_tensor(masks, "masks", floating=False)
+        check_tensor(masks, "masks")
         if masks.dtype != torch.bool:
             if masks.dtype.is_complex or not ((masks == 0) | (masks == 1)).all():
                 raise ValueError("masks must be boolean or contain only the values 0 and 1")
@@ -187,8 +178,8 @@ class Blur(ForwardModel):
         input_shape: Sequence[int],
         per_observation: bool | None = None,
     ):
-        _check_tensor(psf, "psf")
-        input_shape = _as_shape(input_shape, "input_shape")
+        check_tensor(psf, "psf", floating=True, finite=True)
+        input_shape = check_shape(input_shape, "input_shape")
         if len(input_shape) not in (2, 3):
             raise ValueError(f"Blur input_shape must be (C, H, W) or (H, W); got {input_shape}")
         has_c = len(input_shape) == 3
@@ -275,9 +266,8 @@ class Downsample(ForwardModel):
     linear = True
 
     def __init__(self, factor: int, input_shape: Sequence[int]):
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be a positive int; got {factor!r}")
-        input_shape = _as_shape(input_shape, "input_shape")
+        factor = check_int(factor, "factor")
+        input_shape = check_shape(input_shape, "input_shape")
         if len(input_shape) < 2:
             raise ValueError(f"Downsample input_shape must be (..., H, W); got {input_shape}")
         H, W = input_shape[-2:]
@@ -313,8 +303,8 @@ class Reshape(ForwardModel):
     linear = True
 
     def __init__(self, input_shape: Sequence[int], output_shape: Sequence[int]):
-        input_shape = _as_shape(input_shape, "input_shape")
-        output_shape = _as_shape(output_shape, "output_shape")
+        input_shape = check_shape(input_shape, "input_shape")
+        output_shape = check_shape(output_shape, "output_shape")
         if math.prod(input_shape) != math.prod(output_shape):
             raise ValueError(
                 f"Reshape cannot map {input_shape} ({math.prod(input_shape)} elements) to "

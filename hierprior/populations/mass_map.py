@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.em.population import Population
 from hierprior.physics import GaussianNoise, NoiseModel
 from hierprior.physics.lensing import Lensing
@@ -85,8 +86,7 @@ def simulate_mass_map_population(
         truth_supersample: points per δκ pixel side for the true maps.
         dtype: of the observations and the forward model ("float32" or "float64").
     """
-    if isinstance(num_obs, bool) or not isinstance(num_obs, int) or num_obs < 1:
-        raise ValueError(f"num_obs must be an integer >= 1; got {num_obs!r}")
+    check_int(num_obs, "num_obs")
     lenses = lenses if lenses is not None else PerturbedLenses()
     source = source if source is not None else GalaxyImages("spiral", 32, (0.0, 1.0))
     noise = noise if noise is not None else GaussianNoise(0.02)

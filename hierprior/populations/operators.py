@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from hierprior.checks import check_int, check_positive
 from hierprior.physics import DenseLinear, Mask
 
 __all__ = ["RandomMask", "RandomProjection"]
@@ -70,12 +71,8 @@ class RandomProjection:
     """
 
     def __init__(self, num_measurements: int, scale: float = 1.0, dtype: str | None = None):
-        if isinstance(num_measurements, bool) or int(num_measurements) < 1:
-            raise ValueError(f"num_measurements must be >= 1, got {num_measurements!r}")
-        if not float(scale) > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
-        self.num_measurements = int(num_measurements)
-        self.scale = float(scale)
+        self.num_measurements = check_int(num_measurements, "num_measurements")
+        self.scale = check_positive(scale, "scale")
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
     def __call__(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> DenseLinear:

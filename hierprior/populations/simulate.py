@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.em.population import Population
 from hierprior.physics import ForwardModel, NoiseModel
 from hierprior.seeds import derived_generator
@@ -45,15 +46,13 @@ def simulate_population(
     Returns:
         The :class:`~hierprior.em.Population` with y, forward, noise and truth.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    check_int(seed, "seed", None)
     if isinstance(truth, Tensor):
         if num_obs is not None and num_obs != len(truth):
             raise ValueError(f"num_obs={num_obs} but the truth tensor holds {len(truth)} signals")
         x = truth
     else:
-        if isinstance(num_obs, bool) or not isinstance(num_obs, int) or num_obs < 1:
-            raise ValueError(f"num_obs must be an integer >= 1, got {num_obs!r}")
+        check_int(num_obs, "num_obs")
         if not callable(truth):
             raise TypeError(f"truth must be a tensor or a truth generator, got {type(truth)}")
         x = truth(num_obs, derived_generator(seed, "truth"))

@@ -34,6 +34,7 @@ from hierprior.posterior.exact import (
     exact_gaussian_posterior,
     exact_gmm_posterior,
     forward_matrix,
+    noise_covariance,
 )
 from hierprior.posterior.linalg import conjugate_gradient, gmres, solve
 from hierprior.posterior.mmps import MMPS, MMPSDenoiser
@@ -69,6 +70,7 @@ __all__ = [
     "gaussian_fit",
     "gaussian_w2",
     "gmres",
+    "noise_covariance",
     "posterior_method",
     "register_method",
     "sample_posterior",

@@ -29,12 +29,15 @@ class registers itself in :data:`POSTERIOR_METHODS` with :func:`register_method`
 Tensors inside the methods have shape (N, S, *event) (signals) or (N, S, *obs) (observation
 space); times have shape (N, S).
 
-Non-Gaussian noise: a :class:`~hierprior.physics.LearnedNoise` (SLIC, a learned noise score
-:math:`s(n) = \nabla \log Q(n)`) replaces :math:`\Sigma_y^{-1} (y - A x)` by
-:math:`-s(y - A x)` (:meth:`Observation.likelihood_cotangent`). The methods whose maths only
-needs a likelihood score or value accept it (dps, daps with ``likelihood_step="langevin"``,
-tds with ``twist="dps"``); the others assume a Gaussian likelihood and refuse it in
-:meth:`PosteriorMethod.check_noise`.
+Noise models are asked, never type-tested (:class:`~hierprior.physics.NoiseModel`): the
+likelihood gradient uses the noise score, :math:`-s(y - A x)`
+(:meth:`Observation.likelihood_cotangent`; :math:`\Sigma_y^{-1} (y - A x)` for Gaussian
+noise), so a non-Gaussian model such as :class:`~hierprior.physics.LearnedNoise` (SLIC, a
+learned score :math:`s(n) = \nabla \log Q(n)`) serves the methods whose maths only needs a
+likelihood score or value (dps, daps with ``likelihood_step="langevin"``, tds with
+``twist="dps"``); the others need ``noise.gaussian`` (its ``cov_action`` /
+``inv_cov_action``) and refuse any other noise in :meth:`PosteriorMethod.check_noise`, before
+sampling.
 
 References:
     Efron (2011), Tweedie's formula and selection bias.
@@ -50,11 +53,17 @@ import math
 import torch
 from torch import Tensor
 
-from hierprior.checks import check_choice, check_float, check_int, check_optional_int
+from hierprior.checks import (
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_int,
+    check_tensor,
+)
 from hierprior.diffusion.denoiser import Denoiser, expand_time
-from hierprior.diffusion.sampling import ETA_SAMPLERS, SAMPLERS, check_sampler
+from hierprior.diffusion.sampling import ETA_SAMPLERS, SAMPLERS, check_sampler, resolve_spacing
 from hierprior.io import device_dtype
-from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
+from hierprior.physics import ForwardModel, NoiseModel
 
 __all__ = [
     "PosteriorSamplingError",
@@ -64,19 +73,11 @@ __all__ = [
     "DenoiserMethod",
     "POSTERIOR_METHODS",
     "register_method",
-    "SPACINGS",
     "check_model",
+    "check_data",
     "check_observations",
-    "check_problem",
-    "check_int",
-    "check_optional_int",
-    "check_float",
-    "check_choice",
     "default_iterations",
 ]
-
-#: time grids of ``Schedule.timesteps``
-SPACINGS = ("edm", "uniform", "logsnr")
 
 
 class PosteriorSamplingError(RuntimeError):
@@ -109,29 +110,17 @@ def check_model(prior: Denoiser, forward: ForwardModel) -> None:
         )
 
 
-def check_problem(prior: Denoiser, forward: ForwardModel, noise: NoiseModel, y: Tensor):
-    """Validates a posterior problem before any sampling; returns y in the prior's dtype.
+def check_data(forward: ForwardModel, noise: NoiseModel, y: Tensor) -> None:
+    """Checks observations y against their forward and noise models, before any sampling.
 
-    Raises a TypeError or ValueError naming the problem: wrong types, forward.input_shape
-    versus prior.event_shape, y's shape versus the forward model's output shape, observation
-    counts that disagree, NaN/Inf in y, non-finite or non-positive noise levels, a
-    :class:`~hierprior.physics.LearnedNoise` whose obs_shape is not the forward model's output.
+    Raises a TypeError or ValueError naming the problem: a noise that is not a
+    :class:`~hierprior.physics.NoiseModel`, y's shape versus ``forward.output_shape``,
+    observation counts that disagree, NaN/Inf in y, or what ``noise.check(y)`` refuses (an
+    obs_shape that is not the forward model's output, non-positive noise levels).
     """
-    check_model(prior, forward)
-    return check_observations(prior, forward, noise, y)
-
-
-def check_observations(
-    prior: Denoiser, forward: ForwardModel, noise: NoiseModel, y: Tensor
-) -> Tensor:
-    """The part of :func:`check_problem` after :func:`check_model` (noise and y)."""
-    if not isinstance(noise, (GaussianNoise, LearnedNoise)):
-        raise TypeError(
-            f"noise must be a hierprior GaussianNoise (or a LearnedNoise with dps, daps and "
-            f"tds), got {type(noise).__name__}"
-        )
-    if not isinstance(y, Tensor):
-        raise TypeError(f"y must be a tensor, got {type(y).__name__}")
+    if not isinstance(noise, NoiseModel):
+        raise TypeError(f"noise must be a hierprior NoiseModel, got {type(noise).__name__}")
+    check_tensor(y, "y", floating=True)
     out = tuple(forward.output_shape)
     if y.ndim != len(out) + 1 or tuple(y.shape[1:]) != out:
         raise ValueError(
@@ -141,30 +130,20 @@ def check_observations(
     n = y.shape[0]
     if n < 1:
         raise ValueError("y holds no observations (N = 0)")
-    if forward.num_obs is not None and forward.num_obs != n:
-        raise ValueError(f"y has N = {n} observations but forward.num_obs = {forward.num_obs}")
-    if noise.num_obs is not None and noise.num_obs != n:
-        raise ValueError(f"y has N = {n} observations but noise.num_obs = {noise.num_obs}")
-    if not y.is_floating_point():
-        raise TypeError(f"y must be a floating-point tensor, got {y.dtype}")
+    for name, count in (("forward", forward.num_obs), ("noise", noise.num_obs)):
+        if count is not None and count != n:
+            raise ValueError(f"y has N = {n} observations but {name}.num_obs = {count}")
     bad = ~torch.isfinite(y.flatten(1)).all(1)
     if bool(bad.any()):
         raise ValueError(f"y holds NaN or Inf in observations {bad.nonzero().flatten().tolist()}")
-    if isinstance(noise, LearnedNoise):
-        if noise.obs_shape != out:
-            raise ValueError(
-                f"the LearnedNoise has obs_shape {noise.obs_shape} but forward.output_shape is "
-                f"{out}"
-            )
-        _, dtype = device_dtype(prior)
-        return y.to(dtype)
-    std = noise.std(y)
-    bad = ~(torch.isfinite(std) & (std > 0)).flatten(1).all(1)
-    if bool(bad.any()):
-        raise ValueError(
-            "noise levels must be finite and > 0; observations "
-            f"{bad.nonzero().flatten().tolist()} violate this"
-        )
+    noise.check(y)
+
+
+def check_observations(
+    prior: Denoiser, forward: ForwardModel, noise: NoiseModel, y: Tensor
+) -> Tensor:
+    """:func:`check_data`; returns y in the prior's dtype."""
+    check_data(forward, noise, y)
     _, dtype = device_dtype(prior)
     return y.to(dtype)
 
@@ -183,14 +162,14 @@ def default_iterations(iterations: int | None, forward: ForwardModel, cap: int =
 
 
 class Observation:
-    r"""The likelihood :math:`\mathcal{N}(y_i \mid A_i(x), \Sigma_{y,i})` of N observations.
+    r"""The likelihood :math:`p(y_i \mid A_i(x))` of N observations: their forward model, noise
+    model and values.
 
     Arguments:
         forward: the forward model (per-observation with num_obs = N, or shared).
-        noise: the Gaussian noise model (per-observation or shared), or a
-            :class:`~hierprior.physics.LearnedNoise`: then the likelihood is
-            :math:`Q(y_i - A_i(x))` and only :meth:`likelihood_cotangent`,
-            :meth:`log_likelihood` and :meth:`curvature` apply (``gaussian`` is False).
+        noise: the noise model (per-observation or shared). A Gaussian one
+            (``noise.gaussian``) gives :meth:`cov` and :meth:`inv_cov`; any one gives
+            :meth:`likelihood_cotangent`, :meth:`log_likelihood` and :meth:`curvature`.
         y: the observations, with shape (N, *obs_shape).
 
     Methods take signals with shape (N, S, *event) and observation-space tensors with shape
@@ -202,8 +181,8 @@ class Observation:
         self.noise = noise
         self.y = y
         self.linear = bool(forward.linear)
-        #: whether the noise is Gaussian (GaussianNoise), so that cov / inv_cov exist
-        self.gaussian = isinstance(noise, GaussianNoise)
+        #: whether the noise is Gaussian, so that cov / inv_cov exist
+        self.gaussian = bool(noise.gaussian)
 
     @property
     def num_obs(self) -> int:
@@ -218,42 +197,29 @@ class Observation:
         return self.forward(x)
 
     def cov(self, u: Tensor) -> Tensor:
-        r""":math:`\Sigma_y u` for u with shape (N, S, *obs)."""
+        r""":math:`\Sigma_y u` for u with shape (N, S, *obs) (Gaussian noise)."""
         return self.noise.cov_action(u)
 
     def inv_cov(self, u: Tensor) -> Tensor:
-        r""":math:`\Sigma_y^{-1} u` for u with shape (N, S, *obs)."""
+        r""":math:`\Sigma_y^{-1} u` for u with shape (N, S, *obs) (Gaussian noise)."""
         return self.noise.inv_cov_action(u)
 
     def likelihood_cotangent(self, residual: Tensor) -> Tensor:
-        r"""u with :math:`\nabla_x \log p(y \mid x) = J_A(x)^\top u`, for r = y - A(x).
-
-        Gaussian noise: :math:`\Sigma_y^{-1} r`; a learned noise model: :math:`-s(r)`, minus
-        its score. r and u have shape (N, S, *obs).
-        """
-        if self.gaussian:
-            return self.noise.inv_cov_action(residual)
+        r"""u with :math:`\nabla_x \log p(y \mid x) = J_A(x)^\top u`, for r = y - A(x):
+        :math:`-s(r)`, minus the noise score (:math:`\Sigma_y^{-1} r` for Gaussian noise).
+        r and u have shape (N, S, *obs)."""
         return -self.noise.score(residual)
 
     def log_likelihood(self, residual: Tensor) -> Tensor:
-        r""":math:`\log p(y \mid x)` up to a constant per observation, with shape (N, S).
-
-        Gaussian noise: :math:`-\tfrac12 r^\top \Sigma_y^{-1} r`; a learned noise model: its
-        :meth:`~hierprior.physics.LearnedNoise.log_prob` (a line integral of the score).
-        """
-        if self.gaussian:
-            return -0.5 * (residual * self.noise.inv_cov_action(residual)).flatten(2).sum(-1)
+        r""":math:`\log p(y \mid x)` up to a constant per observation, with shape (N, S): the
+        noise model's ``log_prob`` of the residual (a learned model: a line integral of its
+        score)."""
         return self.noise.log_prob(residual, torch.zeros_like(residual))
 
     def curvature(self) -> Tensor:
-        r"""A bound on the curvature of :math:`-\log p(y \mid \cdot)` in observation space, (N,).
-
-        Gaussian noise: :math:`1 / \min_j \sigma_{y,j}^2`; a learned noise model: its
-        :meth:`~hierprior.physics.LearnedNoise.curvature_bound`.
-        """
-        if self.gaussian:
-            return 1.0 / self.noise.std(self.y).flatten(1).amin(1) ** 2
-        bound = self.noise.curvature_bound().to(device=self.y.device, dtype=self.y.dtype)
+        r"""A bound on the curvature of :math:`-\log p(y \mid \cdot)` in observation space, (N,):
+        the noise model's ``curvature()`` (Gaussian: :math:`1 / \min_j \sigma_{y,j}^2`)."""
+        bound = self.noise.curvature().to(device=self.y.device, dtype=self.y.dtype)
         return bound.expand(self.num_obs)
 
     def linearize(self, x: Tensor):
@@ -367,7 +333,9 @@ class PosteriorMethod:
 
     Arguments:
         steps: time steps of the sampler (>= 1); DAPS: annealing steps; TDS: SMC steps.
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (``Schedule.timesteps``).
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (``Schedule.timesteps``),
+            or None: the method's own (``"edm"``; a :class:`DenoiserMethod`: its sampler's,
+            :func:`~hierprior.diffusion.sampling.default_spacing`). Stored resolved.
         batch_size: observations per chunk (bounds memory), or None for all at once.
 
     A subclass sets the class attribute ``name``, takes ``steps``, ``spacing``,
@@ -381,9 +349,11 @@ class PosteriorMethod:
     #: the method's name in :data:`POSTERIOR_METHODS` and in configs
     name: str = ""
 
-    def __init__(self, steps: int = 256, *, spacing: str = "edm", batch_size: int | None = None):
+    def __init__(
+        self, steps: int = 256, *, spacing: str | None = None, batch_size: int | None = None
+    ):
         self.steps = check_int(steps, "steps")
-        self.spacing = check_choice(spacing, "spacing", SPACINGS)
+        self.spacing = resolve_spacing(getattr(self, "sampler", None), spacing)
         self.batch_size = check_optional_int(batch_size, "batch_size")
 
     # ------------------------------------------------------------------ options
@@ -440,11 +410,12 @@ class PosteriorMethod:
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
         """Raises a TypeError / ValueError if this method cannot use this noise model.
 
-        ``opts`` is :meth:`resolve`. The base accepts only GaussianNoise: its likelihood
-        approximation is Gaussian. Methods that only need a likelihood score (dps) or value
-        override it to accept a :class:`~hierprior.physics.LearnedNoise`.
+        ``opts`` is :meth:`resolve`. The base accepts only Gaussian noise (``noise.gaussian``):
+        its likelihood approximation is Gaussian. Methods that only need a likelihood score
+        (dps) or value override it to accept any noise model (e.g. a
+        :class:`~hierprior.physics.LearnedNoise`).
         """
-        if not isinstance(noise, GaussianNoise):
+        if not noise.gaussian:
             raise TypeError(
                 f"{self.name} assumes Gaussian noise and cannot use a {type(noise).__name__}; "
                 "use dps, daps (likelihood_step='langevin') or tds (twist='dps')"
@@ -469,9 +440,10 @@ class PosteriorMethod:
             prior: the diffusion prior (any :class:`~hierprior.diffusion.denoiser.Denoiser`).
             forward: the forward model; ``forward.input_shape == prior.event_shape``,
                 per-observation (num_obs = N) or shared.
-            noise: the Gaussian noise model (per-observation or shared), or a
-                :class:`~hierprior.physics.LearnedNoise` (dps, daps with Langevin, tds with
-                the dps twist; see :meth:`check_noise`).
+            noise: the noise model (per-observation or shared): Gaussian
+                (``noise.gaussian``) for every method, any other (e.g. a
+                :class:`~hierprior.physics.LearnedNoise`) for dps, daps with Langevin and tds
+                with the dps twist (see :meth:`check_noise`).
             y: the observations, with shape (N, *forward.output_shape).
             num_samples: S, samples per observation (>= 1).
             generator: the source of all randomness (on the prior's device); the global RNG
@@ -487,7 +459,7 @@ class PosteriorMethod:
 
         Raises:
             TypeError, ValueError: invalid input (before sampling), see :meth:`check` and
-                :func:`check_problem`.
+                :func:`check_data`.
             PosteriorSamplingError: some observations' samples are not finite.
         """
         check_int(num_samples, "num_samples")
@@ -603,7 +575,8 @@ class DenoiserMethod(PosteriorMethod):
             need steps >= 3, 4, 4), from :mod:`hierprior.diffusion.sampling`.
         eta: stochasticity in [0, 1] of ``"ddim"`` and the multistep solvers (0 is
             deterministic; :data:`~hierprior.diffusion.sampling.ETA_SAMPLERS`).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``; None: the
+            sampler's own (``"logsnr"`` for the multistep solvers, ``"edm"`` for the others).
         batch_size: observations per chunk, or None for all at once.
 
     A subclass sets ``denoiser`` (a :class:`PosteriorDenoiser` class); its options that are
@@ -619,11 +592,11 @@ class DenoiserMethod(PosteriorMethod):
         *,
         sampler: str = "ddpm",
         eta: float = 0.0,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
-        super().__init__(steps, spacing=spacing, batch_size=batch_size)
         self.sampler = check_choice(sampler, "sampler", tuple(SAMPLERS))
+        super().__init__(steps, spacing=spacing, batch_size=batch_size)
         self.eta = check_float(eta, "eta", 0.0, maximum=1.0)
         check_sampler(self.sampler, self.steps, self.eta)  # eta's sampler, order vs steps
 

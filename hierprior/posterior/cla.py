@@ -27,14 +27,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from hierprior.checks import check_int, check_optional_int
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.physics import ForwardModel
 from hierprior.posterior.base import (
     DenoiserMethod,
     Observation,
     PosteriorDenoiser,
-    check_int,
-    check_optional_int,
     default_iterations,
     register_method,
 )
@@ -87,7 +86,8 @@ class CLA(DenoiserMethod):
             per observation (resolved when sampling).
         sampler: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``.
         eta: stochasticity in [0, 1] (ddim and the multistep samplers only).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``; None: the sampler's
+            own (``"logsnr"`` for the multistep solvers, ``"edm"`` for the others).
         batch_size: observations per chunk, or None.
     """
 
@@ -101,7 +101,7 @@ class CLA(DenoiserMethod):
         iterations: int | None = None,
         sampler: str = "ddpm",
         eta: float = 0.0,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
         super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)

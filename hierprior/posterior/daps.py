@@ -69,16 +69,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_choice, check_float, check_int, check_optional_int
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.diffusion.sampling import ddim_sampler
-from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
+from hierprior.io import progress_bar
+from hierprior.physics import ForwardModel, NoiseModel
 from hierprior.posterior.base import (
     Observation,
     PosteriorMethod,
-    check_choice,
-    check_float,
-    check_int,
-    check_optional_int,
     default_iterations,
     register_method,
 )
@@ -145,7 +143,7 @@ def _tweedie(prior: Denoiser, x: Tensor, t: float):
         return d.reshape(x.shape), lambda v: prior.tweedie_cov(x_t, tt, v.reshape(flat)).reshape(
             v.shape
         )
-    a_t, s_t = (float(v) for v in prior.schedule.alpha_sigma(torch.tensor(t).double()))
+    a_t, s_t = prior.schedule.coefficients(t)
     with torch.enable_grad():
         leaf = x.detach().reshape(flat).requires_grad_(True)
         d = prior(leaf, tt)
@@ -170,7 +168,7 @@ def _langevin_step(
     """Langevin on N(x0, r2 I) p(y | x) (with ``mean``: noise-free, i.e. gradient ascent to
     its mode, the mean for a Gaussian likelihood and linear A)."""
     obs = observation
-    curvature = obs.curvature()  # (N,): 1 / min sigma^2 per observation (Gaussian noise)
+    curvature = obs.curvature()  # (N,): the noise model's bound (Gaussian: 1 / min sigma^2)
     eta = _bcast(lr / (1.0 / r2 + curvature), x0)
     x = x0
     if not mean:
@@ -230,14 +228,9 @@ def daps_sample(
     x = x_init
     fallbacks = 0
     steps = len(timesteps) - 1
-    iterator = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="daps", leave=False)
-    for i in iterator:
+    for i in progress_bar(range(steps), progress, "daps"):
         t = float(timesteps[i])
-        a_t, s_t = (float(v) for v in prior.schedule.alpha_sigma(torch.tensor(t).double()))
+        a_t, s_t = prior.schedule.coefficients(t)
         r2 = (s_t / a_t) ** 2
         cov = noise_cov = None
         if "tweedie" in (covariance, perturbation):
@@ -267,7 +260,7 @@ def daps_sample(
             x0y = x0y.detach()
         if i == steps - 1:
             return x0y, {"fallbacks": fallbacks}
-        a_r, s_r = (float(v) for v in prior.schedule.alpha_sigma(timesteps[i + 1].double()))
+        a_r, s_r = prior.schedule.coefficients(timesteps[i + 1])
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = a_r * x0y + s_r * eps
     raise AssertionError("unreachable")  # pragma: no cover
@@ -294,7 +287,7 @@ class DAPS(PosteriorMethod):
             ``covariance``), ``"white"`` or ``"tweedie"`` (same requirements): with
             ``covariance="white"``, the white model's data fit with the prior's spread where
             the data leave it free (see the module docstring).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (None: ``"edm"``).
         batch_size: observations per chunk, or None.
     """
 
@@ -311,7 +304,7 @@ class DAPS(PosteriorMethod):
         iterations: int | None = None,
         covariance: str = "white",
         perturbation: str | None = None,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
         super().__init__(steps, spacing=spacing, batch_size=batch_size)
@@ -348,14 +341,10 @@ class DAPS(PosteriorMethod):
             )
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
-        if isinstance(noise, GaussianNoise):
-            return
-        if not isinstance(noise, LearnedNoise):
-            raise TypeError(f"daps needs a GaussianNoise or a LearnedNoise, got {type(noise)}")
-        if opts["likelihood_step"] != "langevin":
+        if not noise.gaussian and opts["likelihood_step"] != "langevin":
             raise ValueError(
-                "daps with a LearnedNoise needs likelihood_step='langevin' (the exact step "
-                "assumes Gaussian noise)"
+                f"daps with a non-Gaussian {type(noise).__name__} needs "
+                "likelihood_step='langevin' (the exact step assumes Gaussian noise)"
             )
 
     def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:

@@ -38,13 +38,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_float
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.physics import GaussianNoise, LearnedNoise, NoiseModel
+from hierprior.physics import NoiseModel
 from hierprior.posterior.base import (
     DenoiserMethod,
     Observation,
     PosteriorDenoiser,
-    check_float,
     register_method,
 )
 
@@ -95,7 +95,8 @@ class DPS(DenoiserMethod):
             the Gaussian likelihood score).
         sampler: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``.
         eta: stochasticity in [0, 1] (ddim and the multistep samplers only).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``; None: the sampler's
+            own (``"logsnr"`` for the multistep solvers, ``"edm"`` for the others).
         batch_size: observations per chunk, or None.
     """
 
@@ -109,12 +110,11 @@ class DPS(DenoiserMethod):
         zeta: float = 1.0,
         sampler: str = "ddpm",
         eta: float = 0.0,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
         super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)
         self.zeta = check_float(zeta, "zeta", 0.0)
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
-        if not isinstance(noise, (GaussianNoise, LearnedNoise)):
-            raise TypeError(f"dps needs a GaussianNoise or a LearnedNoise, got {type(noise)}")
+        """Any noise model: DPS needs only the direction of the likelihood score."""

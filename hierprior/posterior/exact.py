@@ -1,7 +1,8 @@
 r"""Closed-form posteriors of linear-Gaussian problems: the oracles of the samplers.
 
 For a Gaussian prior :math:`\mathcal{N}(\mu, \Sigma)`, a linear forward model :math:`A_i`
-(materialised as an M×D matrix) and Gaussian noise :math:`\Sigma_{y,i}`, the posterior of
+(materialised as an M×D matrix) and Gaussian noise :math:`\Sigma_{y,i}` (any Gaussian noise
+model: its dense ``covariance_matrix``), the posterior of
 observation i is Gaussian,
 
 .. math::
@@ -40,13 +41,13 @@ from torch import Tensor
 
 from hierprior.diffusion.analytic import GaussianMixturePrior, GaussianPrior
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.physics import DenseLinear, ForwardModel, GaussianNoise
+from hierprior.physics import DenseLinear, ForwardModel, NoiseModel
 from hierprior.posterior.base import PosteriorMethod, register_method
 
 __all__ = [
     "ExactGaussian",
     "forward_matrix",
-    "noise_variance",
+    "noise_covariance",
     "exact_gaussian_posterior",
     "exact_gmm_posterior",
 ]
@@ -81,22 +82,26 @@ def forward_matrix(forward: ForwardModel, num_obs: int | None = None) -> Tensor:
         return cols.mT
 
 
-def noise_variance(noise: GaussianNoise, y: Tensor) -> Tensor:
-    """Diagonal of Sigma_y per observation, with shape (N, M) (float64), y (N, *obs)."""
-    if not isinstance(noise, GaussianNoise):
-        raise TypeError(f"noise must be GaussianNoise, got {type(noise).__name__}")
-    return noise.std(y.double()).reshape(y.shape[0], -1) ** 2
+def noise_covariance(noise: NoiseModel, y: Tensor) -> Tensor:
+    """Sigma_y of each observation, with shape (N, M, M) (float64), for y (N, *obs): the
+    Gaussian noise model's ``covariance_matrix`` (diagonal or not)."""
+    if not isinstance(noise, NoiseModel) or not noise.gaussian:
+        raise TypeError(
+            f"the closed-form posterior needs Gaussian noise, got {type(noise).__name__}"
+        )
+    return noise.covariance_matrix(y).to(device=y.device, dtype=torch.float64)
 
 
 def _conditioning(
-    mean: Tensor, cov: Tensor, A: Tensor, var_y: Tensor, y: Tensor
+    mean: Tensor, cov: Tensor, A: Tensor, cov_y: Tensor, y: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Posterior mean (N, *, D), cov (N, *, D, D), log evidence (N, *) of N(mean, cov).
 
-    mean (*, D) and cov (*, D, D) broadcast against A (N, 1.., M, D), var_y and y (N, 1.., M).
+    mean (*, D) and cov (*, D, D) broadcast against A (N, 1.., M, D), cov_y (N, 1.., M, M)
+    and y (N, 1.., M).
     """
     AS = A @ cov  # (.., M, D)
-    K = AS @ A.mT + torch.diag_embed(var_y)
+    K = AS @ A.mT + cov_y
     # a non-finite K (NaN in one observation's A or noise) gives that observation NaN moments
     # instead of failing the whole batch's factorisation
     bad = ~torch.isfinite(K).flatten(-2).all(-1)
@@ -136,12 +141,12 @@ def _check(prior, prior_type, forward, noise, y) -> tuple[Tensor, Tensor, Tensor
     A = forward_matrix(forward, n)
     if A.shape[0] != n:
         raise ValueError(f"y has N = {n} observations but forward.num_obs = {A.shape[0]}")
-    var_y = noise_variance(noise, y)
-    return A, var_y, y.double().reshape(n, -1)
+    cov_y = noise_covariance(noise, y)
+    return A, cov_y, y.double().reshape(n, -1)
 
 
 def exact_gaussian_posterior(
-    prior: GaussianPrior, forward: ForwardModel, noise: GaussianNoise, y: Tensor
+    prior: GaussianPrior, forward: ForwardModel, noise: NoiseModel, y: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Exact posterior N(mean_i, cov_i) of each observation under a Gaussian prior.
 
@@ -155,13 +160,13 @@ def exact_gaussian_posterior(
         The posterior means, with shape (N, D), and covariances, with shape (N, D, D), both
         float64.
     """
-    A, var_y, yf = _check(prior, GaussianPrior, forward, noise, y)
-    mean, cov, _ = _conditioning(prior.mean.double(), prior.cov.double(), A, var_y, yf)
+    A, cov_y, yf = _check(prior, GaussianPrior, forward, noise, y)
+    mean, cov, _ = _conditioning(prior.mean.double(), prior.cov.double(), A, cov_y, yf)
     return mean, cov
 
 
 def exact_gmm_posterior(
-    prior: GaussianMixturePrior, forward: ForwardModel, noise: GaussianNoise, y: Tensor
+    prior: GaussianMixturePrior, forward: ForwardModel, noise: NoiseModel, y: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact posterior mixture of each observation under a Gaussian mixture prior.
 
@@ -176,9 +181,9 @@ def exact_gmm_posterior(
         component covariances, with shape (N, K, D, D), all float64. The posterior mean is
         ``(weights[..., None] * means).sum(1)``.
     """
-    A, var_y, yf = _check(prior, GaussianMixturePrior, forward, noise, y)
+    A, cov_y, yf = _check(prior, GaussianMixturePrior, forward, noise, y)
     mean, cov, log_ev = _conditioning(
-        prior.means.double(), prior.covs.double(), A[:, None], var_y[:, None], yf[:, None]
+        prior.means.double(), prior.covs.double(), A[:, None], cov_y[:, None], yf[:, None]
     )
     logits = torch.log(prior.weights.double()) + log_ev
     return torch.softmax(logits, dim=-1), mean, cov
@@ -218,7 +223,9 @@ class ExactGaussian(PosteriorMethod):
 
     name = "exact"
 
-    def __init__(self, steps: int = 256, *, spacing: str = "edm", batch_size: int | None = None):
+    def __init__(
+        self, steps: int = 256, *, spacing: str | None = None, batch_size: int | None = None
+    ):
         super().__init__(steps, spacing=spacing, batch_size=batch_size)
 
     def check(self, prior: Denoiser, forward: ForwardModel) -> None:

@@ -38,6 +38,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int, check_tensor
+
 __all__ = ["batch_dot", "conjugate_gradient", "gmres", "solve", "SOLVERS"]
 
 SOLVERS = ("cg", "gmres")
@@ -54,10 +56,8 @@ def _expand(v: Tensor, like: Tensor) -> Tensor:
 
 
 def _check(b: Tensor, iterations: int, batch_dims: int) -> None:
-    if not isinstance(b, Tensor):
-        raise TypeError(f"b must be a tensor, got {type(b).__name__}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    check_tensor(b, "b")
+    check_int(iterations, "iterations")
     if b.ndim <= batch_dims:
         raise ValueError(
             f"b must have shape (*batch, *event) with {batch_dims} batch dims, "

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from hierprior.checks import check_choice, check_int
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.posterior.base import (
     DenoiserMethod,
     Observation,
     PosteriorDenoiser,
-    check_choice,
-    check_int,
     register_method,
 )
 from hierprior.posterior.linalg import SOLVERS, solve
@@ -100,7 +99,8 @@ class MMPS(DenoiserMethod):
             once k >= the rank of A).
         sampler: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``.
         eta: stochasticity in [0, 1] (ddim and the multistep samplers only).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``; None: the sampler's
+            own (``"logsnr"`` for the multistep solvers, ``"edm"`` for the others).
         batch_size: observations per chunk, or None.
     """
 
@@ -115,7 +115,7 @@ class MMPS(DenoiserMethod):
         iterations: int = 4,
         sampler: str = "ddpm",
         eta: float = 0.0,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
         super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)

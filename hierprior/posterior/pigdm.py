@@ -31,15 +31,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from hierprior.checks import check_float, check_int, check_optional_int
 from hierprior.diffusion.denoiser import Denoiser
 from hierprior.physics import ForwardModel
 from hierprior.posterior.base import (
     DenoiserMethod,
     Observation,
     PosteriorDenoiser,
-    check_float,
-    check_int,
-    check_optional_int,
     default_iterations,
     register_method,
 )
@@ -127,7 +125,8 @@ class PiGDM(DenoiserMethod):
         data_variance: v, the per-coordinate prior variance assumed by r_t^2 (> 0).
         sampler: ``"ddpm"``, ``"ddim"``, ``"heun"``, ``"dpm2m"``, ``"dpm3m"`` or ``"unipc"``.
         eta: stochasticity in [0, 1] (ddim and the multistep samplers only).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``; None: the sampler's
+            own (``"logsnr"`` for the multistep solvers, ``"edm"`` for the others).
         batch_size: observations per chunk, or None.
     """
 
@@ -142,7 +141,7 @@ class PiGDM(DenoiserMethod):
         data_variance: float = 1.0,
         sampler: str = "ddpm",
         eta: float = 0.0,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
         super().__init__(steps, sampler=sampler, eta=eta, spacing=spacing, batch_size=batch_size)

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.physics import ForwardModel, GaussianNoise
+from hierprior.physics import ForwardModel, NoiseModel
 from hierprior.posterior.base import POSTERIOR_METHODS, PosteriorMethod
 
 __all__ = ["posterior_method", "sample_posterior", "CALL_OPTIONS"]
@@ -116,7 +116,7 @@ def posterior_method(method: str | PosteriorMethod | Mapping, **options) -> Post
 def sample_posterior(
     prior: Denoiser,
     forward: ForwardModel,
-    noise: GaussianNoise,
+    noise: NoiseModel,
     y: Tensor,
     method: str = "mmps",
     steps: int = 256,
@@ -134,7 +134,8 @@ def sample_posterior(
         prior: the diffusion prior (any :class:`~hierprior.diffusion.denoiser.Denoiser`).
         forward: the forward model; ``forward.input_shape == prior.event_shape``,
             per-observation (num_obs = N) or shared.
-        noise: the Gaussian noise model (per-observation or shared).
+        noise: the noise model (per-observation or shared): Gaussian for every method, any
+            :class:`~hierprior.physics.NoiseModel` for dps, daps (Langevin) and tds (dps twist).
         y: the observations, with shape (N, *forward.output_shape).
         method: one of :data:`POSTERIOR_METHODS` (``"mmps"``, ``"dps"``, ``"cla"``,
             ``"pigdm"``, ``"daps"``, ``"tds"``, ``"exact"``).

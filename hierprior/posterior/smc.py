@@ -54,14 +54,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_choice, check_float, check_optional_int
 from hierprior.diffusion.denoiser import Denoiser
-from hierprior.physics import ForwardModel, GaussianNoise, LearnedNoise, NoiseModel
+from hierprior.io import progress_bar
+from hierprior.physics import ForwardModel, NoiseModel
 from hierprior.posterior.base import (
     Observation,
     PosteriorMethod,
-    check_choice,
-    check_float,
-    check_optional_int,
     default_iterations,
     register_method,
 )
@@ -159,7 +158,7 @@ def tds_sample(
 
     def twist_terms(x: Tensor, t: Tensor, last: bool) -> tuple[Tensor, Tensor, Tensor]:
         tt = t.to(x.dtype).expand(n, groups * particles)
-        if not observation.gaussian:  # a learned noise model: the dps twist Q(y - A(x_hat))
+        if not observation.gaussian:  # non-Gaussian noise: the dps twist Q(y - A(x_hat))
             with torch.enable_grad():
                 leaf, d = helper.denoise(x, tt, graph=True)
                 y_hat = observation.predict(d)
@@ -171,10 +170,6 @@ def tds_sample(
             d, score, quad = helper.guidance(x, tt, r2)
         return d, score, -0.5 * quad
 
-    def coeffs(t: Tensor) -> tuple[float, float]:
-        a, s = prior.schedule.alpha_sigma(t.double())
-        return float(a), float(s)
-
     def grouped(v: Tensor) -> Tensor:
         return v.reshape(n, groups, particles)
 
@@ -182,12 +177,7 @@ def tds_sample(
     d, score, log_twist = twist_terms(x, timesteps[0], steps == 1)
     log_w = grouped(log_twist).double()
     resamplings = torch.zeros(n, groups, dtype=torch.long, device=x.device)
-    iterator = range(steps - 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(iterator, desc="tds", leave=False)
-    for i in iterator:
+    for i in progress_bar(range(steps - 1), progress, "tds"):
         t, r = timesteps[i], timesteps[i + 1]
         # resample the runs whose ESS is low (uniforms drawn for every run regardless)
         need = effective_sample_size(log_w) < ess_threshold * particles
@@ -199,8 +189,8 @@ def tds_sample(
         log_w = torch.where(need[..., None], torch.zeros_like(log_w), log_w)
         resamplings += need.long()
         # guided DDPM proposal
-        a_t, s_t = coeffs(t)
-        a_r, s_r = coeffs(r)
+        a_t, s_t = prior.schedule.coefficients(t)
+        a_r, s_r = prior.schedule.coefficients(r)
         a_tr = a_t / a_r
         var_tr = max(s_t**2 - a_tr**2 * s_r**2, 0.0)
         tau2 = var_tr * s_r**2 / s_t**2
@@ -237,7 +227,7 @@ class TDS(PosteriorMethod):
             "dps" (resolved when sampling).
         iterations: CG iterations of the ΠGDM twist; None: min(M, 32).
         data_variance: v of the ΠGDM twist (> 0).
-        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"``.
+        spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (None: ``"edm"``).
         batch_size: observations per chunk, or None.
     """
 
@@ -252,7 +242,7 @@ class TDS(PosteriorMethod):
         twist: str | None = None,
         iterations: int | None = None,
         data_variance: float = 1.0,
-        spacing: str = "edm",
+        spacing: str | None = None,
         batch_size: int | None = None,
     ):
         super().__init__(steps, spacing=spacing, batch_size=batch_size)
@@ -270,14 +260,10 @@ class TDS(PosteriorMethod):
             raise ValueError("twist='pigdm' needs a linear forward model; use twist='dps'")
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
-        if isinstance(noise, GaussianNoise):
-            return
-        if not isinstance(noise, LearnedNoise):
-            raise TypeError(f"tds needs a GaussianNoise or a LearnedNoise, got {type(noise)}")
-        if opts["twist"] != "dps":
+        if not noise.gaussian and opts["twist"] != "dps":
             raise ValueError(
-                "tds with a LearnedNoise needs twist='dps' (the pigdm twist assumes Gaussian "
-                "noise)"
+                f"tds with a non-Gaussian {type(noise).__name__} needs twist='dps' (the pigdm "
+                "twist assumes Gaussian noise)"
             )
 
     def _defaults(self, forward: ForwardModel, num_samples: int) -> dict:

@@ -24,13 +24,15 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from hierprior.config import ConfigError
+from hierprior.checks import check_choice, check_float, check_int, check_positive
+from hierprior.config import ConfigError, check_renamed
 from hierprior.diffusion.denoiser import EDMDenoiser
 from hierprior.diffusion.sampling import SAMPLERS
 from hierprior.diffusion.schedule import Schedule
+from hierprior.precision import lightning_precision
 from hierprior.training.callbacks import LossCurve, PriorCheckpoint, SampleGrid
 from hierprior.training.datamodule import TensorDataModule, load_training_tensors
-from hierprior.training.module import PriorModule
+from hierprior.training.module import TIME_DISTRIBUTIONS, PriorModule, check_betas
 
 __all__ = [
     "build_callbacks",
@@ -65,45 +67,43 @@ def _instantiate(node, what: str):
         raise ValueError(f"could not build the {what} from the config: {err}") from err
 
 
-def _int(cfg, key: str, minimum: int, section: str) -> int:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{section}.{key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 def check_train_config(cfg: DictConfig) -> None:
     """Raises a ConfigError (a ValueError) naming the key when train/sample values are invalid.
 
-    Runs before any data is loaded, so a typo fails in a second, not after an hour.
+    Runs before any data is loaded, so a typo fails in a second, not after an hour. A key of
+    the ``train`` section under its old name (:data:`hierprior.config.RENAMED_KEYS`, e.g.
+    ``train.warmup``, now ``train.warmup_steps`` as in the M-step) is refused, never ignored.
     """
     for section in ("train", "sample", "data", "prior", "schedule", "trainer"):
         if cfg.get(section) is None:
             raise ConfigError(f"the config has no `{section}` section")
+    check_renamed(cfg)
     train, smp = cfg.train, cfg.sample
-    _int(train, "steps", 1, "train")
-    _int(train, "batch_size", 1, "train")
-    _int(train, "warmup", 0, "train")
-    _int(train, "sample_every", 0, "train")
-    _int(train, "ckpt_every", 0, "train")
-    _int(train, "loss_every", 1, "train")
-    if train.get("num_threads") is not None:
-        _int(train, "num_threads", 1, "train")
-    if not float(train.lr) > 0:
-        raise ConfigError(f"train.lr must be > 0, got {train.lr}")
-    if not 0.0 <= float(train.ema_decay) < 1.0:
-        raise ConfigError(f"train.ema_decay must lie in [0, 1), got {train.ema_decay}")
-    if train.time_distribution not in ("lognormal", "uniform"):
-        raise ConfigError(
-            f"train.time_distribution must be 'lognormal' or 'uniform', got "
-            f"{train.time_distribution!r}"
+    try:
+        for key, minimum in (
+            ("steps", 1),
+            ("batch_size", 1),
+            ("warmup_steps", 0),
+            ("sample_every", 0),
+            ("checkpoint_every", 0),
+            ("loss_every", 1),
+        ):
+            check_int(train.get(key), f"train.{key}", minimum)
+        if train.get("num_threads") is not None:
+            check_int(train.num_threads, "train.num_threads")
+        check_positive(train.get("lr"), "train.lr")
+        check_float(train.get("weight_decay", 0.0), "train.weight_decay")
+        check_float(train.get("gradient_clip_val"), "train.gradient_clip_val")
+        check_float(
+            train.get("ema_decay"), "train.ema_decay", 0.0, maximum=1.0, strict_maximum=True
         )
-    if smp.method not in SAMPLERS:
-        raise ConfigError(
-            f"unknown sampler sample.method={smp.method!r}; expected one of {sorted(SAMPLERS)}"
-        )
-    _int(smp, "steps", 1, "sample")
-    _int(smp, "n", 1, "sample")
+        check_betas(list(train.get("betas", (0.9, 0.999))))
+        check_choice(train.get("time_distribution"), "train.time_distribution", TIME_DISTRIBUTIONS)
+        check_choice(smp.get("method"), "sampler sample.method", sorted(SAMPLERS))
+        check_int(smp.get("steps"), "sample.steps")
+        check_int(smp.get("n"), "sample.n")
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def build_schedule(cfg: DictConfig) -> Schedule:
@@ -151,7 +151,7 @@ def build_module(cfg: DictConfig, denoiser: EDMDenoiser, ema_state_dict=None) ->
         denoiser,
         lr=float(train.lr),
         weight_decay=float(train.get("weight_decay", 0.0)),
-        warmup_steps=int(train.warmup),
+        warmup_steps=int(train.warmup_steps),
         ema_decay=float(train.ema_decay),
         time_distribution=str(train.time_distribution),
         ema_state_dict=ema_state_dict,
@@ -179,13 +179,13 @@ def build_callbacks(cfg: DictConfig, run_dir: str | os.PathLike) -> list[pl.Call
             seed=int(smp.get("seed", 0)),
             value_range=tuple(value_range),
         ),
-        PriorCheckpoint(run_dir, int(train.ckpt_every), meta={"config": plain_config(cfg)}),
+        PriorCheckpoint(run_dir, int(train.checkpoint_every), meta={"config": plain_config(cfg)}),
         # periodic checkpoints/last.ckpt for resuming (the final one comes from PriorCheckpoint)
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             save_top_k=0,
             save_last=True,
-            every_n_train_steps=int(train.ckpt_every),
+            every_n_train_steps=int(train.checkpoint_every),
             every_n_epochs=0,
             enable_version_counter=False,
         ),
@@ -216,6 +216,8 @@ def build_trainer(
     """The ``pytorch_lightning.Trainer`` of ``cfg.trainer`` with the given callbacks/loggers.
 
     ``overrides`` are further Trainer arguments that take precedence over the config.
+    ``trainer.precision: tf32`` is Lightning's ``32-true``, with TF32 turned on by
+    :func:`hierprior.precision.precision_scope` around ``fit`` (:func:`fit_prior`).
     """
     from hydra.utils import instantiate
 
@@ -223,6 +225,7 @@ def build_trainer(
     if node is None or "_target_" not in node:
         raise ValueError("the trainer config needs a `_target_` (pytorch_lightning.Trainer)")
     kwargs = {"callbacks": callbacks or [], "logger": loggers if loggers else False}
+    kwargs["precision"] = lightning_precision(node.get("precision", "32-true"))
     if run_dir is not None:
         kwargs["default_root_dir"] = str(run_dir)
     kwargs.update(overrides)

@@ -34,8 +34,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.diffusion.checkpoint import save_prior
-from hierprior.diffusion.sampling import SAMPLERS, sample
+from hierprior.diffusion.sampling import check_sampler, sample
 from hierprior.io import atomic_write_bytes, figure_bytes, save_sample_grid
 
 __all__ = [
@@ -122,12 +123,6 @@ def plot_loss_curve(rows: Sequence[tuple[int, str, float]], path: str | os.PathL
     return atomic_write_bytes(path, figure_bytes(draw, (6, 4)))
 
 
-def _check_every(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0: only at the end), got {value!r}")
-    return value
-
-
 class LossCurve(pl.Callback):
     """Records the training and validation loss and writes ``loss.csv`` and ``loss.png``.
 
@@ -141,8 +136,8 @@ class LossCurve(pl.Callback):
         self, run_dir: str | os.PathLike, every_n_steps: int = 10, write_every_n_steps: int = 0
     ):
         self.run_dir = Path(run_dir)
-        self.every_n_steps = max(1, _check_every("every_n_steps", every_n_steps))
-        self.write_every_n_steps = _check_every("write_every_n_steps", write_every_n_steps)
+        self.every_n_steps = max(1, check_int(every_n_steps, "every_n_steps", 0))
+        self.write_every_n_steps = check_int(write_every_n_steps, "write_every_n_steps", 0)
         self.rows: list[tuple[int, str, float]] = []
         self._sum: Tensor | None = None
         self._count = 0
@@ -220,14 +215,10 @@ class SampleGrid(pl.Callback):
         seed: int = 0,
         value_range: Sequence[float] = (-1.0, 1.0),
     ):
-        if method not in SAMPLERS:
-            raise ValueError(f"unknown sampler {method!r}; expected one of {sorted(SAMPLERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"sample steps must be an integer >= 1, got {steps!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"the number of samples must be an integer >= 1, got {n!r}")
+        check_sampler(method, steps)
+        check_int(n, "the number of samples n")
         self.run_dir = Path(run_dir)
-        self.every_n_steps = _check_every("every_n_steps", every_n_steps)
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", 0)
         self.n, self.method, self.steps, self.seed = n, method, steps, int(seed)
         self.value_range = tuple(float(v) for v in value_range)
         self._last_step = -1
@@ -282,7 +273,7 @@ class PriorCheckpoint(pl.Callback):
         filename: str = "prior.ckpt",
     ):
         self.run_dir = Path(run_dir)
-        self.every_n_steps = _check_every("every_n_steps", every_n_steps)
+        self.every_n_steps = check_int(every_n_steps, "every_n_steps", 0)
         self.meta = dict(meta or {})
         self.filename = filename
         self._last_step = -1

@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from hierprior.checks import check_int, check_tensor
+
 __all__ = [
     "BatchStream",
     "TensorDataModule",
@@ -36,14 +38,6 @@ __all__ = [
     "split_tensors",
     "toy_mixture",
 ]
-
-
-def _check_int(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class BatchStream(Sampler[list[int]]):
@@ -75,16 +69,16 @@ class BatchStream(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.n = _check_int("n", n, 1)
-        self.world_size = _check_int("world_size", world_size, 1)
-        self.rank = _check_int("rank", rank, 0)
+        self.n = check_int(n, "n", 1)
+        self.world_size = check_int(world_size, "world_size", 1)
+        self.rank = check_int(rank, "rank", 0)
         if self.rank >= self.world_size or self.n < self.world_size:
             raise ValueError(
                 f"rank {rank} of {world_size} processes needs rank < world_size <= n = {n}"
             )
-        self.batch_size = min(_check_int("batch_size", batch_size, 1), self.n // self.world_size)
-        self.seed = _check_int("seed", seed, 0)
-        self.start = _check_int("start", start, 0)
+        self.batch_size = min(check_int(batch_size, "batch_size", 1), self.n // self.world_size)
+        self.seed = check_int(seed, "seed", 0)
+        self.start = check_int(start, "start", 0)
         self.batches_per_pass = max(1, self.n // (self.batch_size * self.world_size))
 
     def permutation(self, epoch: int) -> Tensor:
@@ -140,14 +134,11 @@ class TensorDataModule(pl.LightningDataModule):
         infinite: bool = True,
     ):
         super().__init__()
-        if not isinstance(train, Tensor):
-            raise TypeError(f"train must be a tensor, got {type(train).__name__}")
+        check_tensor(train, "train", floating=True)
         if train.ndim < 2 or train.shape[0] < 1:
             raise ValueError(
                 f"train must have shape (N, *event_shape) with N >= 1, got {train.shape}"
             )
-        if not train.is_floating_point():
-            raise TypeError(f"train must be a floating-point tensor, got {train.dtype}")
         if val is not None:
             if not isinstance(val, Tensor):
                 raise TypeError(f"val must be a tensor or None, got {type(val).__name__}")
@@ -158,9 +149,9 @@ class TensorDataModule(pl.LightningDataModule):
                 )
         self.train_data = train
         self.val_data = val
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.num_workers = _check_int("num_workers", num_workers, 0)
-        self.seed = _check_int("seed", seed, 0)
+        self.batch_size = check_int(batch_size, "batch_size", 1)
+        self.num_workers = check_int(num_workers, "num_workers", 0)
+        self.seed = check_int(seed, "seed", 0)
         self.infinite = bool(infinite)
         self._generator = torch.Generator().manual_seed(self.seed)
 
@@ -271,9 +262,9 @@ def toy_mixture(
     :math:`\text{std}^2 I`; the modes have equal weights. Returns float32 with shape
     (n, features). A toy dataset for vector (MLP) priors.
     """
-    _check_int("n", n, 1)
-    _check_int("features", features, 2)
-    _check_int("modes", modes, 1)
+    check_int(n, "n", 1)
+    check_int(features, "features", 2)
+    check_int(modes, "modes", 1)
     if std <= 0 or radius < 0:
         raise ValueError(f"need std > 0 and radius >= 0, got std={std}, radius={radius}")
     g = torch.Generator().manual_seed(seed)

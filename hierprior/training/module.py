@@ -38,11 +38,43 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from hierprior.checks import check_choice, check_float, check_int, check_positive
 from hierprior.diffusion.denoiser import Denoiser, dsm_loss
 
-__all__ = ["PriorModule", "ema_decay_at", "update_ema"]
+__all__ = [
+    "PriorModule",
+    "TIME_DISTRIBUTIONS",
+    "TRAINER_VOCABULARY",
+    "check_betas",
+    "ema_decay_at",
+    "update_ema",
+]
 
-_TIME_DISTRIBUTIONS = ("lognormal", "uniform")
+#: the optimiser settings that the round-0 prior's training (the ``train`` config section) and
+#: the EM M-step (:class:`~hierprior.em.NetworkMStep`, ``em.mstep``) share, by one name
+TRAINER_VOCABULARY = (
+    "lr",
+    "weight_decay",
+    "betas",
+    "warmup_steps",
+    "ema_decay",
+    "gradient_clip_val",
+    "checkpoint_every",
+    "time_distribution",
+)
+
+#: training-time distributions of :func:`~hierprior.diffusion.dsm_loss`
+TIME_DISTRIBUTIONS = ("lognormal", "uniform")
+
+
+def check_betas(betas: object) -> tuple[float, float]:
+    """AdamW's (beta_1, beta_2): two numbers in [0, 1), as a tuple of floats."""
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    return tuple(
+        check_float(b, f"betas[{i}]", 0.0, maximum=1.0, strict_maximum=True)
+        for i, b in enumerate(betas)
+    )
 
 
 def ema_decay_at(decay: float, n: int, warmup: bool = True) -> float:
@@ -69,14 +101,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     ema_buffers = dict(ema.named_buffers())
     for name, buf in model.named_buffers():
         ema_buffers[name].copy_(buf)
-
-
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return float(value)
 
 
 #: training-time augmentations of :class:`PriorModule`
@@ -158,22 +182,14 @@ class PriorModule(pl.LightningModule):
             raise TypeError(
                 f"denoiser must be a hierprior Denoiser, got {type(denoiser).__name__}"
             )
-        _check_positive("lr", lr)
-        _check_positive("weight_decay", weight_decay, allow_zero=True)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-        if not 0.0 <= float(ema_decay) < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
-        if time_distribution not in _TIME_DISTRIBUTIONS:
-            raise ValueError(
-                f"unknown time_distribution {time_distribution!r}; "
-                f"expected one of {_TIME_DISTRIBUTIONS}"
-            )
-        if augment not in AUGMENTATIONS:
-            raise ValueError(f"unknown augment {augment!r}; expected one of {AUGMENTATIONS}")
-        betas = tuple(float(b) for b in betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        check_positive(lr, "lr")
+        check_float(weight_decay, "weight_decay")
+        check_int(warmup_steps, "warmup_steps", 0)
+        check_float(ema_decay, "ema_decay", 0.0, maximum=1.0, strict_maximum=True)
+        check_choice(time_distribution, "time_distribution", TIME_DISTRIBUTIONS)
+        if augment is not None:
+            check_choice(augment, "augment", AUGMENTATIONS[1:])
+        betas = check_betas(betas)
         self.save_hyperparameters(ignore=["denoiser", "ema_state_dict"])
         self.hparams["betas"] = list(betas)
 

@@ -32,6 +32,7 @@ import yaml
 from omegaconf import DictConfig
 
 from hierprior.io import atomic_write_text
+from hierprior.precision import precision_scope
 from hierprior.runs import hold_run_dir, safe_points, stop_callback, stop_on_signal
 from hierprior.training.build import (
     build_callbacks,
@@ -155,7 +156,9 @@ def _fit(cfg: DictConfig, run_dir: Path, config_path: Path) -> TrainOutputs:
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         # a deprecation inside Lightning's own pytree helper, not actionable here
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-        with safe_points():  # a stop signal ends fit after a step, with last.ckpt written
+        precision = cfg.trainer.get("precision", "32-true")  # TF32 only for "tf32"
+        # a stop signal ends fit after a step, with last.ckpt written
+        with safe_points(), precision_scope(precision, trainer.strategy.root_device):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return TrainOutputs(
         run_dir=run_dir,

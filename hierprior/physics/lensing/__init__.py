@@ -8,8 +8,15 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
 - :mod:`hierprior.physics.lensing.simulator`: :class:`Lensing`, the image of a pixelated source
   through a mass model (ray tracing, bilinear interpolation, supersampling, PSF), linear in the
   source with an exact adjoint; :func:`gaussian_psf`.
+- :mod:`hierprior.physics.lensing.substructure`: :class:`PseudoJaffe` subhalos and
+  :class:`Multipole` (m = 3, 4, ...) perturbations of the macro model
+  (:func:`pseudo_jaffe_from_mass`).
+- :mod:`hierprior.physics.lensing.latent`: :class:`LatentMassMap`, the forward model whose
+  unknown is a pixelated convergence correction :math:`\delta\kappa` on top of a known macro
+  model and source (the mass-map EM demo).
 """
 
+from hierprior.physics.lensing.latent import LatentMassMap
 from hierprior.physics.lensing.mass import (
     SIE,
     SIS,
@@ -21,16 +28,21 @@ from hierprior.physics.lensing.mass import (
 )
 from hierprior.physics.lensing.pixelated import PixelatedConvergence
 from hierprior.physics.lensing.simulator import Lensing, gaussian_psf
+from hierprior.physics.lensing.substructure import Multipole, PseudoJaffe, pseudo_jaffe_from_mass
 
 __all__ = [
+    "LatentMassMap",
     "Lensing",
     "MassModel",
     "MassSum",
+    "Multipole",
     "PixelatedConvergence",
     "PointMass",
+    "PseudoJaffe",
     "SIE",
     "SIS",
     "Shear",
     "ellipticity",
     "gaussian_psf",
+    "pseudo_jaffe_from_mass",
 ]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hierprior.checks import check_int, check_positive
 from hierprior.physics.forward import ForwardModel
 from hierprior.physics.lensing.mass import MassModel
 from hierprior.physics.lensing.pixelated import PixelatedConvergence
@@ -81,12 +82,9 @@ class LatentMassMap(ForwardModel):
             raise ValueError(f"source must be square with one channel; got {tuple(source.shape)}")
         if not torch.isfinite(source).all():
             raise ValueError("source is not finite")
-        if isinstance(kappa_size, bool) or not isinstance(kappa_size, int) or kappa_size < 1:
-            raise ValueError(f"kappa_size must be an integer >= 1; got {kappa_size!r}")
-        if not (isinstance(kappa_fov, (int, float)) and kappa_fov > 0):
-            raise ValueError(f"kappa_fov must be > 0 (arcsec); got {kappa_fov!r}")
-        if not (isinstance(kappa_scale, (int, float)) and kappa_scale > 0):
-            raise ValueError(f"kappa_scale must be > 0; got {kappa_scale!r}")
+        check_int(kappa_size, "kappa_size")
+        check_positive(kappa_fov, "kappa_fov")
+        check_positive(kappa_scale, "kappa_scale")
         lens = Lensing(
             macro, image_size, pixel_scale, source.shape[-1], source_fov, supersample, psf
         )

@@ -68,6 +68,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from hierprior.checks import check_positive
 from hierprior.physics.forward import observation_index
 from hierprior.physics.lensing.mass import MassModel
 
@@ -173,10 +174,7 @@ class PixelatedConvergence(MassModel):
             raise ValueError("kappa (N, n, n) needs at least one observation; got N = 0")
         if not torch.isfinite(kappa.detach()).all():
             raise ValueError("kappa is not finite")
-        if isinstance(fov, bool) or not isinstance(fov, (int, float)):
-            raise TypeError(f"fov must be a positive float (arcsec); got {fov!r}")
-        if not (math.isfinite(fov) and fov > 0):
-            raise ValueError(f"fov must be a positive, finite float (arcsec); got {fov!r}")
+        check_positive(fov, "fov")
         self.register_buffer("kappa", kappa)
         self.fov, self.size = float(fov), n
         self.num_obs = kappa.shape[0] if kappa.dim() == 3 else None
@@ -186,13 +184,6 @@ class PixelatedConvergence(MassModel):
     def pixel_size(self) -> float:
         """The pixel side h = fov / n [arcsec]."""
         return self.fov / self.size
-
-    def pixel_centers(
-        self, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
-    ) -> Tensor:
-        """The pixel-centre coordinates along either axis, (i + 1/2) h - fov / 2, shape (n,)."""
-        n, h = self.size, self.pixel_size
-        return (torch.arange(n, dtype=dtype, device=device) + 0.5) * h - self.fov / 2
 
     def __getitem__(self, idx: object) -> PixelatedConvergence:
         """The model over a subset of observations; a shared model returns itself."""

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hierprior.checks import check_int, check_positive
 from hierprior.physics.forward import ForwardModel
 from hierprior.physics.lensing.mass import MassModel
 from hierprior.physics.linear import Blur
@@ -54,20 +55,6 @@ from hierprior.physics.linear import Blur
 __all__ = ["Lensing", "gaussian_psf"]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-
-
-def _check_size(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return value
-
-
-def _check_length(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive float (arcsec); got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive, finite float (arcsec); got {value!r}")
-    return float(value)
 
 
 def gaussian_psf(fwhm: float | Tensor, pixel_scale: float, size: int | None = None) -> Tensor:
@@ -83,7 +70,7 @@ def gaussian_psf(fwhm: float | Tensor, pixel_scale: float, size: int | None = No
     Returns:
         A float64 kernel with shape (size, size), or (N, size, size) for a tensor fwhm.
     """
-    pixel_scale = _check_length(pixel_scale, "pixel_scale")
+    pixel_scale = check_positive(pixel_scale, "pixel_scale")
     per_obs = isinstance(fwhm, Tensor)
     f = (
         fwhm.detach().to(torch.float64).cpu()
@@ -98,7 +85,7 @@ def gaussian_psf(fwhm: float | Tensor, pixel_scale: float, size: int | None = No
     if size is None:
         half = max(1, math.ceil(4 * float(sigma.max())))
         size = 2 * half + 1
-    _check_size(size, "PSF size")
+    check_int(size, "PSF size")
     if size % 2 == 0:
         raise ValueError(f"PSF size must be odd (a kernel centred on a pixel); got {size}")
     r = torch.arange(size, dtype=torch.float64) - size // 2
@@ -170,11 +157,11 @@ class Lensing(ForwardModel):
     ):
         if mass is not None and not isinstance(mass, MassModel):
             raise TypeError(f"mass must be a hierprior MassModel or None; got {type(mass)}")
-        image_size = _check_size(image_size, "image_size")
-        source_size = _check_size(source_size, "source_size")
-        supersample = _check_size(supersample, "supersample")
-        pixel_scale = _check_length(pixel_scale, "pixel_scale")
-        source_fov = _check_length(source_fov, "source_fov")
+        image_size = check_int(image_size, "image_size")
+        source_size = check_int(source_size, "source_size")
+        supersample = check_int(supersample, "supersample")
+        pixel_scale = check_positive(pixel_scale, "pixel_scale")
+        source_fov = check_positive(source_fov, "source_fov")
         kernel, psf_per_obs = _psf_kernel(psf, pixel_scale)
         counts = {}
         if mass is not None and mass.num_obs is not None:
@@ -214,7 +201,7 @@ class Lensing(ForwardModel):
 
         With ``supersample = k`` the centres of the k x k sub-pixels of every pixel.
         """
-        k = _check_size(supersample, "supersample")
+        k = check_int(supersample, "supersample")
         m = self.image_size * k
         step = self.pixel_scale / k
         c = (torch.arange(m, dtype=dtype, device=device) + 0.5) * step - self.fov / 2

@@ -44,6 +44,7 @@ import math
 import torch
 from torch import Tensor
 
+from hierprior.checks import check_int
 from hierprior.physics.lensing.mass import _TINY, MassModel
 
 __all__ = ["PseudoJaffe", "Multipole", "pseudo_jaffe_from_mass"]
@@ -126,8 +127,7 @@ class Multipole(MassModel):
         center_x: float | Tensor = 0.0,
         center_y: float | Tensor = 0.0,
     ):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 2:
-            raise ValueError(f"Multipole order m must be an integer >= 2; got {m!r}")
+        m = check_int(m, "Multipole order m", 2)
         super().__init__(a_m=a_m, phi_m=phi_m, center_x=center_x, center_y=center_y)
         self.m = m
 
