@@ -54,6 +54,7 @@ COLUMNS = (
     "sinkhorn_posterior",
     "sinkhorn_floor",
     "sinkhorn_posterior_cost",
+    "sinkhorn_posterior_outside",
     "truth_chi2",
     "residual_chi2_nu",
     "tarp_atc",
@@ -162,6 +163,7 @@ def run(cfg: dict, sampler: str, root: Path) -> dict:
         epsilon=s["epsilon"],
         num_points=s["num_points"],
         transport_cost=True,
+        support=tuple(s["support"]),
         tol=s["tol"],
     )
     mon = cfg["monitor"]
@@ -185,7 +187,9 @@ def run(cfg: dict, sampler: str, root: Path) -> dict:
             posterior_evaluators=[evaluator],
         ),
         # DiEM runs a fixed number of rounds: the rule is measured (stop_pvalue), never fires
-        stop=StopRule(min_rounds=em["rounds"] + 1, permutations=299),
+        stop=StopRule(
+            min_rounds=em["rounds"] + 1, num_refs=50, re_tessellations=10, permutations=299
+        ),
         run_dir=root / sampler / "em",
         seed=cfg["seed"],
         rounds=em["rounds"],

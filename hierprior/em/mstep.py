@@ -34,7 +34,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -106,6 +106,10 @@ class NetworkMStep:
             ``num_nodes``, ``precision``, e.g. ``"bf16-mixed"`` on a GPU).
         progress: show Lightning's progress bar (``hierprior-em`` sets it from the ``progress``
             key).
+        support: None (every bank sample is trained on), or (lo, hi): samples with a value
+            outside [lo, hi] are left out of the round's training and their number is logged
+            (DiEM's manifold experiment keeps only posterior samples inside (-3, 3)^5, Rozet et
+            al. 2024; a sampler's rare far outliers otherwise become training data).
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class NetworkMStep:
         time_distribution: str = "lognormal",
         trainer: Mapping | None = None,
         progress: bool = False,
+        support: Sequence[float] | None = None,
     ):
         self.steps = check_int(steps, "mstep steps", 1)
         self.batch_size = check_int(batch_size, "mstep batch_size", 1)
@@ -141,6 +146,12 @@ class NetworkMStep:
         self.trainer = check_trainer(trainer, TRAINER_KEYS, "M-step")
         check_devices(self.trainer, "M-step")
         self.progress = bool(progress)
+        self.support = None
+        if support is not None:
+            lo, hi = (_float(v, "support", -math.inf) for v in support)
+            if not hi > lo:
+                raise ValueError(f"mstep support must be (lo, hi) with lo < hi, got {support}")
+            self.support = (lo, hi)
 
     def options(self) -> dict:
         keys = (
@@ -153,11 +164,14 @@ class NetworkMStep:
             "gradient_clip_val",
             "time_distribution",
         )
-        return {
+        out = {
             "kind": "network",
             **{k: getattr(self, k) for k in keys},
             "precision": str(self.trainer.get("precision", "32-true")),
         }
+        if self.support is not None:  # absent by default: older run directories stay valid
+            out["support"] = list(self.support)
+        return out
 
     def check(self, prior) -> None:
         if not isinstance(prior, EDMDenoiser):
@@ -207,6 +221,19 @@ class NetworkMStep:
             seed=seeds["noise"],
         )
         flat = samples.reshape(-1, *samples.shape[2:]).float()
+        if self.support is not None:
+            lo, hi = self.support
+            keep = ((flat >= lo) & (flat <= hi)).flatten(1).all(1)
+            if not keep.any():
+                raise ValueError(
+                    f"M-step round {round_index}: no bank sample lies inside the support "
+                    f"[{lo}, {hi}]"
+                )
+            log.info(
+                "M-step round %d: %d of %d bank samples outside the support [%g, %g] left out",
+                round_index, int((~keep).sum()), len(flat), lo, hi,
+            )  # fmt: skip
+            flat = flat[keep]
         data = TensorDataModule(flat, batch_size=self.batch_size, seed=seeds["shuffle"])
         ckpt_dir = workdir / "checkpoints"
         checkpoint = pl.callbacks.ModelCheckpoint(
