@@ -173,3 +173,37 @@ def test_paper_config_builds():
     assert paper["population"]["num_obs"] == 65536 and paper["sinkhorn"]["num_points"] == 16384
     for options in paper["samplers"].values():
         posterior_method(dict(options))
+
+
+def test_mstep_support_leaves_out_samples(tmp_path, caplog):
+    from hierprior.diffusion import EDMDenoiser
+    from hierprior.em import NetworkMStep
+    from hierprior.nn import MLP
+
+    prior = EDMDenoiser(MLP(2, hidden=(16,), emb_dim=8), (2,))
+    bank = torch.randn(40, 1, 2, generator=torch.Generator().manual_seed(0)).clamp(-2, 2)
+    bank[:10] = 100.0  # far outliers
+    step = NetworkMStep(steps=2, batch_size=8, support=(-3, 3))
+    assert step.options()["support"] == [-3.0, 3.0]
+    assert "support" not in NetworkMStep().options()  # older run directories stay valid
+    with caplog.at_level("INFO", logger="hierprior.em.mstep"):
+        new, _ = step(prior, bank, tmp_path / "a", seed=0, round_index=1)
+    assert "10 of 40 bank samples outside the support" in caplog.text
+    assert isinstance(new, EDMDenoiser)
+    with pytest.raises(ValueError, match="no bank sample"):
+        step(prior, bank[:10], tmp_path / "b", seed=0, round_index=1)
+    with pytest.raises(ValueError, match="support"):
+        NetworkMStep(support=(1, -1))
+
+
+def test_sinkhorn_evaluator_support():
+    reference = SmoothManifold(seed=0, dtype="float64")(200, torch.Generator().manual_seed(1))
+    prior = reference[:100].clone()
+    prior[:20] = 50.0
+    ev = SinkhornEvaluator(reference, epsilon=0.05, num_points=100, floor=False, support=(-3, 3))
+    out = ev(prior_samples=prior)
+    assert out["sinkhorn_prior_outside"] == pytest.approx(0.2)
+    plain = SinkhornEvaluator(reference, epsilon=0.05, num_points=100, floor=False)(
+        prior_samples=prior
+    )
+    assert out["sinkhorn_prior"] < 1.0 < plain["sinkhorn_prior"]  # an outlier dominates S
