@@ -134,7 +134,14 @@ def tiny_config(run):
     return cfg
 
 
-@pytest.mark.parametrize("sampler", ["mmps", "pigdm", "dps"])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        "mmps",
+        pytest.param("pigdm", marks=pytest.mark.slow),
+        pytest.param("dps", marks=pytest.mark.slow),
+    ],
+)
 def test_one_tiny_round(tmp_path, sampler):
     run = load_run_module()
     cfg = tiny_config(run)
@@ -148,19 +155,28 @@ def test_one_tiny_round(tmp_path, sampler):
         assert "stop_pvalue" in row or row["round"] == 0
     assert "sinkhorn_posterior" in (tmp_path / sampler / "table.md").read_text()
     assert (tmp_path / "initial" / "prior.ckpt").exists()
-    if sampler == "mmps":  # the figures of --report
+    if sampler == "mmps":  # the yardstick and the figures of --report
+        out = run.oracle(cfg, tmp_path)
+        assert out["train_steps"] == 5
+        for name in ("oracle", "gaussian_fit"):
+            assert math.isfinite(out[name]["sinkhorn_prior"])
         run.report(cfg, tmp_path, tmp_path / "figures")
         assert (tmp_path / "figures" / "divergence.png").exists()
         assert (tmp_path / "figures" / "scatter_mmps.png").exists()
 
 
-def test_initial_prior_refuses_another_config(tmp_path):
+def test_initial_prior_is_cached_per_config(tmp_path):
     run = load_run_module()
     cfg = tiny_config(run)
-    run.run(cfg, "mmps", tmp_path)
-    cfg["initial"]["steps"] = 11
+    cfg["initial"]["steps"] = 2
+    gauss = GaussianPrior(torch.zeros(5, dtype=torch.float64), torch.eye(5, dtype=torch.float64))
+    first = run.initial_prior(cfg, gauss, tmp_path)
+    again = run.initial_prior(cfg, gauss, tmp_path)  # loaded, not retrained
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    cfg["initial"]["steps"] = 3
     with pytest.raises(ValueError, match="another configuration"):
-        run.run(cfg, "mmps", tmp_path)
+        run.initial_prior(cfg, gauss, tmp_path)
 
 
 def test_paper_config_builds():
