@@ -102,6 +102,10 @@ class NetworkMStep:
             ``"tf32"``; TF32 is on only for ``"tf32"``, see :mod:`hierprior.precision`).
         progress: show Lightning's progress bar (``hierprior-em`` sets it from the ``progress``
             key).
+        support: None (every bank sample is trained on), or (lo, hi): samples with a value
+            outside [lo, hi] are left out of the round's training and their number is logged
+            (DiEM's manifold experiment keeps only posterior samples inside (-3, 3)^5, Rozet et
+            al. 2024; a sampler's rare far outliers otherwise become training data).
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class NetworkMStep:
         trainer: Mapping | None = None,
         progress: bool = False,
         augment: str | None = None,
+        support: Sequence[float] | None = None,
     ):
         self.steps = check_int(steps, "mstep steps", 1)
         self.batch_size = check_int(batch_size, "mstep batch_size", 1)
@@ -148,16 +153,25 @@ class NetworkMStep:
         #: precision trains with TF32 off (hierprior.precision)
         self.precision = str(self.trainer.get("precision", "32-true"))
         self.progress = bool(progress)
+        self.support = None
+        if support is not None:
+            lo, hi = (check_float(v, "mstep support", None) for v in support)
+            if not hi > lo:
+                raise ValueError(f"mstep support must be (lo, hi) with lo < hi, got {support}")
+            self.support = (lo, hi)
 
     def options(self) -> dict:
         # what changes the trained prior (not the checkpoint interval)
         keys = ("steps", "batch_size", *(k for k in TRAINER_VOCABULARY if k != "checkpoint_every"))
-        return {
+        out = {
             "kind": "network",
             **{k: getattr(self, k) for k in keys},
             "precision": self.precision,
             **({"augment": self.augment} if self.augment else {}),  # absent: older runs valid
         }
+        if self.support is not None:  # absent by default: older run directories stay valid
+            out["support"] = list(self.support)
+        return out
 
     def check(self, prior) -> None:
         if not isinstance(prior, EDMDenoiser):
@@ -209,6 +223,19 @@ class NetworkMStep:
             augment=self.augment,
         )
         flat = samples.reshape(-1, *samples.shape[2:]).float()
+        if self.support is not None:
+            lo, hi = self.support
+            keep = ((flat >= lo) & (flat <= hi)).flatten(1).all(1)
+            if not keep.any():
+                raise ValueError(
+                    f"M-step round {round_index}: no bank sample lies inside the support "
+                    f"[{lo}, {hi}]"
+                )
+            log.info(
+                "M-step round %d: %d of %d bank samples outside the support [%g, %g] left out",
+                round_index, int((~keep).sum()), len(flat), lo, hi,
+            )  # fmt: skip
+            flat = flat[keep]
         data = TensorDataModule(flat, batch_size=self.batch_size, seed=seeds["shuffle"])
         ckpt_dir = workdir / "checkpoints"
         checkpoint = pl.callbacks.ModelCheckpoint(

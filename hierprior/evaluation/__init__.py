@@ -1,4 +1,5 @@
-"""Evaluation tools for hierprior experiments (digit and galaxy morphology classifiers)."""
+"""Evaluation tools for hierprior experiments (digit and galaxy morphology classifiers,
+Sinkhorn divergences to reference points)."""
 
 from hierprior.evaluation.digits import DigitClassifier, default_cache_dir, load_digit_classifier
 from hierprior.evaluation.evaluators import ArmStrength, DigitShare, SpiralShare
@@ -9,6 +10,7 @@ from hierprior.evaluation.mass_map import (
     power_spectrum,
 )
 from hierprior.evaluation.morphology import MorphologyClassifier, load_morphology_classifier
+from hierprior.evaluation.sinkhorn import SinkhornEvaluator
 from hierprior.evaluation.structure import arm_strength, compact_peaks, noise_level
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "MassMapMetrics",
     "MassMapStructure",
     "MorphologyClassifier",
+    "SinkhornEvaluator",
     "SpiralShare",
     "default_cache_dir",
     "gaussian_smooth",

@@ -9,6 +9,7 @@ generator in its own module here (:class:`RandomLens`: strong lenses, one per ob
 """
 
 from hierprior.populations.lensing import RandomLens
+from hierprior.populations.manifold import SmoothManifold
 from hierprior.populations.mass_map import simulate_mass_map_population, true_kappa_map
 from hierprior.populations.operators import RandomMask, RandomProjection
 from hierprior.populations.perturbed_lenses import LensDraw, PerturbedLenses
@@ -26,5 +27,6 @@ __all__ = [
     "RandomLens",
     "RandomMask",
     "RandomProjection",
+    "SmoothManifold",
     "simulate_population",
 ]

@@ -6,7 +6,9 @@ r"""Generators of per-observation forward models: ``op(n, signal_shape, generato
   (``kind="patch"``).
 - :class:`RandomProjection`: :math:`y_i = A_i x_i` with :math:`A_i` an M x D matrix of
   independent :math:`\mathcal{N}(0, \text{scale}^2 / D)` entries per observation (rank-M views
-  of a vector signal, the Gaussian EM test bed).
+  of a vector signal, the Gaussian EM test bed); with ``normalize=True`` each row is rescaled to
+  norm ``scale``, i.e. drawn uniformly from the sphere of radius ``scale`` (the views of the
+  DiEM manifold experiment, Rozet et al. 2024, §5.1).
 """
 
 from __future__ import annotations
@@ -66,18 +68,29 @@ class RandomProjection:
 
     Arguments:
         num_measurements: M, measurements per observation.
-        scale: the entries' standard deviation times sqrt(D).
+        scale: the entries' standard deviation times sqrt(D) (with ``normalize``: the rows'
+            norm).
         dtype: the matrices' dtype (default: torch's default dtype).
+        normalize: rescale every row to norm ``scale`` (rows uniform on that sphere).
     """
 
-    def __init__(self, num_measurements: int, scale: float = 1.0, dtype: str | None = None):
+    def __init__(
+        self,
+        num_measurements: int,
+        scale: float = 1.0,
+        dtype: str | None = None,
+        normalize: bool = False,
+    ):
         self.num_measurements = check_int(num_measurements, "num_measurements")
         self.scale = check_positive(scale, "scale")
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.normalize = bool(normalize)
 
     def __call__(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> DenseLinear:
         if len(shape) != 1:
             raise ValueError(f"RandomProjection needs vector signals (D,), got shape {shape}")
         d = shape[0]
         a = torch.randn((n, self.num_measurements, d), generator=generator, dtype=self.dtype)
+        if self.normalize:
+            return DenseLinear(a * (self.scale / a.norm(dim=-1, keepdim=True)))
         return DenseLinear(a * (self.scale / d**0.5))
