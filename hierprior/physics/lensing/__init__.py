@@ -3,6 +3,11 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
 - :mod:`hierprior.physics.lensing.mass`: :class:`SIE`, :class:`Shear`, :class:`SIS`,
   :class:`PointMass` (lenstronomy's parameters and conventions), batched per observation, and
   their sums.
+- :mod:`hierprior.physics.lensing.parametric`: :class:`ParametricMass`, a sum of components
+  evaluated at a parameter tensor (N, [S,] d) passed in (gradients flow to it).
+- :mod:`hierprior.physics.lensing.priors`: priors on lens parameters (:class:`LensPrior` of
+  per-parameter :class:`Uniform`, :class:`Normal`, :class:`LogNormal`,
+  :class:`TruncatedNormal`, :class:`Fixed`, ...), unconstrained transforms, sampling.
 - :mod:`hierprior.physics.lensing.pixelated`: :class:`PixelatedConvergence`, a convergence map
   on a pixel grid (uniform square pixels; exact direct sum, exact FFT on regular grids).
 - :mod:`hierprior.physics.lensing.simulator`: :class:`Lensing`, the image of a pixelated source
@@ -19,13 +24,16 @@ from hierprior.physics.lensing.mass import (
     Shear,
     ellipticity,
 )
+from hierprior.physics.lensing.parametric import Component, ParametricMass
 from hierprior.physics.lensing.pixelated import PixelatedConvergence
 from hierprior.physics.lensing.simulator import Lensing, gaussian_psf
 
 __all__ = [
+    "Component",
     "Lensing",
     "MassModel",
     "MassSum",
+    "ParametricMass",
     "PixelatedConvergence",
     "PointMass",
     "SIE",
