@@ -8,6 +8,8 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
 - :mod:`hierprior.physics.lensing.priors`: priors on lens parameters (:class:`LensPrior` of
   per-parameter :class:`Uniform`, :class:`Normal`, :class:`LogNormal`,
   :class:`TruncatedNormal`, :class:`Fixed`, ...), unconstrained transforms, sampling.
+- :mod:`hierprior.physics.lensing.blind`: :class:`BlindLensing`, the forward model of lenses
+  nobody has modelled (their parameters are random variables with a :class:`LensPrior`).
 - :mod:`hierprior.physics.lensing.pixelated`: :class:`PixelatedConvergence`, a convergence map
   on a pixel grid (uniform square pixels; exact direct sum, exact FFT on regular grids).
 - :mod:`hierprior.physics.lensing.simulator`: :class:`Lensing`, the image of a pixelated source
@@ -15,6 +17,7 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
   source with an exact adjoint; :func:`gaussian_psf`.
 """
 
+from hierprior.physics.lensing.blind import BlindLensing
 from hierprior.physics.lensing.mass import (
     SIE,
     SIS,
@@ -26,10 +29,33 @@ from hierprior.physics.lensing.mass import (
 )
 from hierprior.physics.lensing.parametric import Component, ParametricMass
 from hierprior.physics.lensing.pixelated import PixelatedConvergence
+from hierprior.physics.lensing.priors import (
+    AxisRatioAngle,
+    ComponentPrior,
+    Fixed,
+    LensPrior,
+    LogNormal,
+    MagnitudeAngle,
+    Normal,
+    ParameterPrior,
+    TruncatedNormal,
+    Uniform,
+)
 from hierprior.physics.lensing.simulator import Lensing, gaussian_psf
 
 __all__ = [
+    "AxisRatioAngle",
+    "BlindLensing",
     "Component",
+    "ComponentPrior",
+    "Fixed",
+    "LensPrior",
+    "LogNormal",
+    "MagnitudeAngle",
+    "Normal",
+    "ParameterPrior",
+    "TruncatedNormal",
+    "Uniform",
     "Lensing",
     "MassModel",
     "MassSum",

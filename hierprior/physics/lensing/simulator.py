@@ -306,11 +306,32 @@ class Lensing(ForwardModel):
         return grid if grid.shape[0] == n else grid.expand(n, *grid.shape[1:])
 
     def _forward(self, x: Tensor) -> Tensor:
+        return self.render(x, self._sampling_grid(x))
+
+    def render(self, x: Tensor, grid: Tensor) -> Tensor:
+        """The image of sources x (N, S, 1, n_s, n_s) read at the ray positions ``grid``
+        (grid_sample coordinates β / (F_s / 2), x then y): (N or 1, m, m, 2), one lens per
+        observation shared by its S samples, or (N·S, m, m, 2), one lens per (observation,
+        sample), observation-major; m = n k. Returns (N, S, 1, n, n) (supersampled pixels
+        averaged, then the PSF). Differentiable in x and grid."""
         N, S = x.shape[:2]
-        grid = self._expand_grid(self._sampling_grid(x), N)
-        image = F.grid_sample(
-            x[:, :, 0], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
+        if S > 1 and grid.shape[0] == N * S:
+            n_s = x.shape[-1]
+            image = F.grid_sample(
+                x.reshape(N * S, 1, n_s, n_s),
+                grid,
+                mode="bilinear",
+                padding_mode="zeros",
+                align_corners=False,
+            ).reshape(N, S, *grid.shape[1:3])
+        else:
+            image = F.grid_sample(
+                x[:, :, 0],
+                self._expand_grid(grid, N),
+                mode="bilinear",
+                padding_mode="zeros",
+                align_corners=False,
+            )
         if self.supersample > 1:
             image = F.avg_pool2d(image, self.supersample)
         image = image.unsqueeze(2)
