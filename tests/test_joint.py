@@ -253,6 +253,7 @@ def test_simulation_based_calibration_over_200_blind_lenses(settings):
         lens_steps=settings["lens_steps"],
         final_warmup=settings["warmup"],
         final_steps=settings["final"],
+        precondition_every=4,
     )
     x, params = m.sample_joint(source_prior, blind, noise, y, s, torch.Generator().manual_seed(1))
     names = blind.names

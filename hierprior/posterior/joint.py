@@ -38,7 +38,7 @@ lensing.LensPrior.from_unconstrained`, with its log-Jacobian in the target), one
 the acceptance rate 0.574 (Roberts & Rosenthal 1998) by a Robbins–Monro rule on
 :math:`\log\varepsilon`, and its own preconditioner :math:`P = G^{-1}`,
 :math:`G = J^\top (\Sigma_y + w_t)^{-1} J + I` (the Gauss–Newton curvature of the current
-target, J the image's Jacobian in z by central differences, I the prior's curvature scale),
+target, J the image's Jacobian in z by forward differences, I the prior's curvature scale),
 refreshed every ``precondition_every`` lens steps. A MALA proposal is
 :math:`z' = z + \tfrac{\varepsilon^2}{2} P \nabla\log\pi(z) + \varepsilon L \xi`,
 :math:`L L^\top = P`, accepted with the Metropolis–Hastings ratio (unadjusted Langevin's
@@ -50,7 +50,8 @@ the run with one line naming the observation.
 :math:`p(\eta \mid x, y)`, many samples per chain): the known-source check against emcee.
 
 Costs per denoiser evaluation (N·S chains): the source method's, plus ``lens_steps`` + 1
-renders with their backward pass, plus 2·d renders every ``precondition_every`` lens steps.
+renders with their backward pass, plus d + 1 renders every ``precondition_every`` lens
+steps.
 
 References:
     Murata, Saito, Lai, Takida, Uesaka, Mitsufuji & Ermon (2023), GibbsDDRM: A Partially
@@ -151,7 +152,7 @@ class LensChains:
         likelihood: the :class:`LensLikelihood`.
         eta: the initial lens parameters (N, S, d), inside the prior's support.
         step: the initial step size (whitened units).
-        fd_step: the central-difference step in z of the preconditioner's Jacobian.
+        fd_step: the finite-difference step in z of the preconditioner's Jacobian.
 
     The state is ``z`` (N, S, k) (k = the prior's ``zdim``); :meth:`eta` maps it back.
     """
@@ -208,19 +209,20 @@ class LensChains:
     # ------------------------------------------------------------------ preconditioner
     def precondition(self, ridge: float = 1.0) -> None:
         r"""Sets G = Jᵀ (Σ_y + w)^{-1} J + ridge·I at the current state (J: the image's
-        Jacobian in z by central differences) and the Cholesky factor C (G = C Cᵀ)."""
+        Jacobian in z by forward differences, k + 1 renders) and the Cholesky factor C
+        (G = C Cᵀ)."""
         x_hat, w = self._target
         n, s, k = self.z.shape
         h = self.fd_step
         eye = torch.eye(k, dtype=self.z.dtype, device=self.z.device)
-        steps = torch.cat([eye, -eye]) * h  # (2k, k)
-        zs = (self.z.unsqueeze(2) + steps).reshape(n, s * 2 * k, k)
+        steps = torch.cat([eye.new_zeros(1, k), eye * h])  # (k + 1, k): the state, then steps
+        zs = (self.z.unsqueeze(2) + steps).reshape(n, s * (k + 1), k)
         with torch.no_grad():
             eta = self.prior.from_unconstrained(zs)[0]
-            src = x_hat.unsqueeze(2).expand(n, s, 2 * k, *x_hat.shape[2:])
-            img = self.forward.image(eta, src.reshape(n, s * 2 * k, *x_hat.shape[2:]))
-        img = img.reshape(n, s, 2 * k, -1).double()
-        jac = (img[:, :, :k] - img[:, :, k:]) / (2 * h)  # (n, s, k, M)
+            src = x_hat.unsqueeze(2).expand(n, s, k + 1, *x_hat.shape[2:])
+            img = self.forward.image(eta, src.reshape(n, s * (k + 1), *x_hat.shape[2:]))
+        img = img.reshape(n, s, k + 1, -1).double()
+        jac = (img[:, :, 1:] - img[:, :, :1]) / h  # (n, s, k, M): forward differences
         prec = self.likelihood.precision(w, jac)  # (n, s, M)
         g = torch.einsum("nsim,nsm,nsjm->nsij", jac, prec, jac)
         g = g + ridge * torch.eye(k, dtype=g.dtype, device=g.device)
@@ -544,12 +546,12 @@ class Joint(PosteriorMethod):
         steps: int = 64,
         *,
         source: str | Mapping | PosteriorMethod = "mmps",
-        lens_steps: int = 4,
-        final_warmup: int = 50,
-        final_steps: int = 100,
+        lens_steps: int = 3,
+        final_warmup: int = 30,
+        final_steps: int = 60,
         source_variance: float = 1.0,
         widening: float = 0.1,
-        precondition_every: int = 4,
+        precondition_every: int = 12,
         step_size: float = 1.0,
         spacing: str = "edm",
         batch_size: int | None = None,
