@@ -4,7 +4,11 @@ A bank lives in a folder (``round_k/bank/``). Each shard file holds the samples 
 observations::
 
     shard_<first index>_<count>_<digest>.pt = {"format": "hierprior-bank-shard", "version": 1,
-        "indices": LongTensor (n,), "samples": Tensor (n, S, *event_shape)}
+        "indices": LongTensor (n,), "samples": Tensor (n, S, *event_shape)
+        [, "params": Tensor (n, S, d)]}
+
+A joint (source, lens) E-step also stores each sample's lens parameters beside it
+(``params``; :meth:`SampleBank.load_params`).
 
 Shards are named by the observations they hold (never by a process rank), so a bank filled by
 k processes equals the one filled by one, shard for shard. Each is written to a temporary file
@@ -86,6 +90,14 @@ class SampleBank:
             raise ValueError(f"samples have shape {tuple(samples.shape)}, expected {expected}")
         if not torch.isfinite(samples).all():
             raise ValueError("samples hold NaN/Inf")
+        params = shard.get("params")
+        if params is not None:
+            if params.dim() != 3 or tuple(params.shape[:2]) != expected[:2]:
+                raise ValueError(
+                    f"params have shape {tuple(params.shape)}, expected {expected[:2]} + (d,)"
+                )
+            if not torch.isfinite(params).all():
+                raise ValueError("params hold NaN/Inf")
         return idx
 
     def _quarantine(self, file: Path, reason: str) -> None:
@@ -142,11 +154,14 @@ class SampleBank:
 
     # ------------------------------------------------------------------------ I/O
 
-    def write(self, indices: Tensor, samples: Tensor) -> Path:
-        """Stores the samples (n, S, *event_shape) of observations ``indices`` (n,) atomically."""
+    def write(self, indices: Tensor, samples: Tensor, params: Tensor | None = None) -> Path:
+        """Stores the samples (n, S, *event_shape) of observations ``indices`` (n,) atomically
+        (and their lens parameters (n, S, d), when given)."""
         indices = torch.as_tensor(indices, dtype=torch.long).detach().cpu().flatten()
         samples = samples.detach().cpu()
         shard = {"format": SHARD_FORMAT, "version": 1, "indices": indices, "samples": samples}
+        if params is not None:
+            shard["params"] = params.detach().cpu()
         self._validate(shard)
         digest = hashlib.sha1(indices.numpy().tobytes()).hexdigest()[:8]
         name = f"shard_{int(indices[0]):07d}_{len(indices):05d}_{digest}.pt"
@@ -183,6 +198,28 @@ class SampleBank:
             index = shard["indices"].to(out.device)
             out[index] = shard["samples"].to(out.device)
         return out
+
+    def load_params(self, device: torch.device | str | None = None) -> Tensor | None:
+        """The lens parameters stored beside the samples, (N, S, d) in observation order, or
+        None when the bank holds none (a RuntimeError when it is incomplete or only some
+        shards hold them)."""
+        if not self.is_complete():
+            raise RuntimeError(f"the sample bank at {self.path} is incomplete")
+        out, missing = None, []
+        for file in sorted(self._shards):
+            shard = torch.load(file, map_location="cpu", weights_only=True)
+            params = shard.get("params")
+            if params is None:
+                missing.append(file.name)
+                continue
+            if out is None:
+                out = torch.empty((self.num_obs, *params.shape[1:]), dtype=params.dtype)
+            out[shard["indices"]] = params
+        if out is None:
+            return None
+        if missing:
+            raise RuntimeError(f"bank shards without lens parameters: {missing[:5]}")
+        return out.to(device) if device is not None else out
 
     def __repr__(self) -> str:
         return (

@@ -298,6 +298,11 @@ class PosteriorSamplingModule(pl.LightningModule):
             torch.enable_grad(),
             precision_scope(self.precision, self.device),
         ):
+            if getattr(self.method, "joint", False):  # (source, lens parameters): both kept
+                samples, params = self.method.sample_joint(
+                    self.prior, sub.forward, sub.noise, sub.y, self.num_samples, generator
+                )
+                return {"indices": indices, "samples": samples.detach(), "params": params}
             samples = self.method.sample(
                 self.prior, sub.forward, sub.noise, sub.y, self.num_samples, generator
             )
@@ -319,7 +324,7 @@ class BankWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
-        self.bank.write(prediction["indices"], prediction["samples"])
+        self.bank.write(prediction["indices"], prediction["samples"], prediction.get("params"))
         stop_point(self.purpose, self.round_index)
 
 

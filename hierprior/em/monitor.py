@@ -445,7 +445,8 @@ class Monitor:
             row.update(self.pq(prior_x, truth, "truth", seed=seed, round_index=k))
             err = samples.mean(1).to(truth) - truth
             row["posterior_mean_rmse"] = float(err.pow(2).flatten(1).mean(1).sqrt().mean())
-        row.update(self.residuals(population, samples))
+        if not getattr(population.forward, "blind", False):  # blind: with the lens samples,
+            row.update(self.residuals(population, samples))  # by LensParameterMetrics
         if is_image_shape(population.signal_shape):
             row["noise_prior"] = self.noise(prior_x)
             row["noise_posterior"] = self.noise(samples[:, 0])

@@ -124,8 +124,11 @@ class Population:
                 f"takes signals with shape {self.signal_shape}"
             )
         probe = torch.zeros((1, *event), dtype=self.y.dtype, device=self.y.device)
+        model = self.forward[0]
+        if getattr(model, "blind", False):  # unknown parameters: a reference lens's shapes
+            model = model.reference()
         try:
-            out = self.forward[0](probe)
+            out = model(probe)
         except Exception as err:
             raise ValueError(f"the forward model fails on a prior-shaped input: {err}") from err
         if tuple(out.shape[1:]) != tuple(self.y.shape[1:]):

@@ -82,11 +82,14 @@ class NoiseModel(ObservationCount, nn.Module, abc.ABC):
         obs_shape: the shape of one observation, or None when it fits any.
         gaussian: whether the noise is Gaussian, :math:`\\mathcal{N}(0, \\Sigma_i)`: then
             ``cov_action``, ``inv_cov_action``, ``whiten`` and ``covariance_matrix`` exist.
+        diagonal: whether the noise is Gaussian with a diagonal covariance, whose variances are
+            ``std(like) ** 2`` (methods that work per pixel, e.g. the joint lens sampler, need it).
     """
 
     num_obs: int | None = None
     obs_shape: tuple[int, ...] | None = None
     gaussian: bool = False
+    diagonal: bool = False
 
     def __getitem__(self, idx: object) -> NoiseModel:
         """The noise model of a subset of observations; a shared model returns itself."""
@@ -275,6 +278,8 @@ class GaussianNoise(GaussianNoiseModel):
 
     A float sigma is kept in float64 and cast to the dtype of the data on use.
     """
+
+    diagonal = True
 
     def __init__(self, sigma: float | Tensor, per_observation: bool = True):
         super().__init__()

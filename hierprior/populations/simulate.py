@@ -73,7 +73,8 @@ def simulate_population(
             f"with shape {tuple(forward.input_shape)}"
         )
     with torch.no_grad():
-        clean = forward(x)
+        # a forward model with unknown parameters (BlindLensing) simulates with its truth
+        clean = forward.truth_forward()(x) if getattr(forward, "blind", False) else forward(x)
     y = clean + noise.sample(
         tuple(clean.shape), generator=derived_generator(seed, "noise"), dtype=clean.dtype
     ).to(clean.device)

@@ -1,4 +1,5 @@
-"""Posterior sampling under diffusion priors: MMPS, DPS, CLA, ΠGDM, DAPS, TDS, exact oracles.
+"""Posterior sampling under diffusion priors: MMPS, DPS, CLA, ΠGDM, DAPS, TDS, exact oracles,
+and the joint (source, lens) sampler for lenses nobody has modelled.
 
 Each method is a :class:`PosteriorMethod` registered in :data:`POSTERIOR_METHODS`
 (:func:`posterior_method` builds one by name or from a config mapping);
@@ -7,7 +8,7 @@ Each method is a :class:`PosteriorMethod` registered in :data:`POSTERIOR_METHODS
 
 # isort: off
 # the method modules register their classes on import: this order is POSTERIOR_METHODS' order
-from hierprior.posterior import mmps, dps, cla, pigdm, daps, smc, exact  # noqa: F401
+from hierprior.posterior import mmps, dps, cla, pigdm, daps, smc, exact, joint  # noqa: F401
 
 # isort: on
 from hierprior.posterior.base import (
@@ -36,6 +37,13 @@ from hierprior.posterior.exact import (
     forward_matrix,
     noise_covariance,
 )
+from hierprior.posterior.joint import (
+    JOINT_SOURCES,
+    Joint,
+    LensChains,
+    LensLikelihood,
+    lens_posterior,
+)
 from hierprior.posterior.linalg import conjugate_gradient, gmres, solve
 from hierprior.posterior.mmps import MMPS, MMPSDenoiser
 from hierprior.posterior.pigdm import PiGDM, PiGDMDenoiser
@@ -50,6 +58,10 @@ __all__ = [
     "DPSDenoiser",
     "DenoiserMethod",
     "ExactGaussian",
+    "JOINT_SOURCES",
+    "Joint",
+    "LensChains",
+    "LensLikelihood",
     "MMPS",
     "MMPSDenoiser",
     "Observation",
@@ -71,6 +83,7 @@ __all__ = [
     "gaussian_w2",
     "gmres",
     "noise_covariance",
+    "lens_posterior",
     "posterior_method",
     "register_method",
     "sample_posterior",

@@ -403,9 +403,17 @@ class PosteriorMethod:
 
         The base checks the types and ``forward.input_shape == prior.event_shape``;
         subclasses add what their options need (e.g. a linear forward model) and call
-        ``super().check``.
+        ``super().check``. A forward model with unknown parameters (``forward.blind``, e.g.
+        :class:`~hierprior.physics.lensing.BlindLensing`) is refused: only the joint
+        (source, lens) method samples it.
         """
         check_model(prior, forward)
+        if getattr(forward, "blind", False):
+            raise ValueError(
+                f"{self.name} needs a known forward model, but the {type(forward).__name__} of "
+                "these observations has unknown parameters (lenses nobody has modelled): use "
+                "the joint method (sampler=joint)"
+            )
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
         """Raises a TypeError / ValueError if this method cannot use this noise model.

@@ -17,6 +17,7 @@ pigdm     N(y | A x̂, Σ_y + r_t² A Aᵀ)                                 deno
 daps      decoupled annealing: ODE prior step + exact/Langevin step   own loop
 tds       twisted SMC (ΠGDM twist), asymptotically exact              own loop (SMC)
 exact     closed form (GaussianPrior, linear A): mean + chol(cov) z   no diffusion
+joint     (x, η) for unknown lenses: MALA on η + a source method      the source's loop
 ========  ==========================================================  =====================
 
 Denoiser wrappers are run by the unconditional samplers of :mod:`hierprior.diffusion`

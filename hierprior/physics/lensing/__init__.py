@@ -3,6 +3,13 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
 - :mod:`hierprior.physics.lensing.mass`: :class:`SIE`, :class:`Shear`, :class:`SIS`,
   :class:`PointMass` (lenstronomy's parameters and conventions), batched per observation, and
   their sums.
+- :mod:`hierprior.physics.lensing.parametric`: :class:`ParametricMass`, a sum of components
+  evaluated at a parameter tensor (N, [S,] d) passed in (gradients flow to it).
+- :mod:`hierprior.physics.lensing.priors`: priors on lens parameters (:class:`LensPrior` of
+  per-parameter :class:`Uniform`, :class:`Normal`, :class:`LogNormal`,
+  :class:`TruncatedNormal`, :class:`Fixed`, ...), unconstrained transforms, sampling.
+- :mod:`hierprior.physics.lensing.blind`: :class:`BlindLensing`, the forward model of lenses
+  nobody has modelled (their parameters are random variables with a :class:`LensPrior`).
 - :mod:`hierprior.physics.lensing.pixelated`: :class:`PixelatedConvergence`, a convergence map
   on a pixel grid (uniform square pixels; exact direct sum, exact FFT on regular grids).
 - :mod:`hierprior.physics.lensing.simulator`: :class:`Lensing`, the image of a pixelated source
@@ -16,6 +23,7 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
   model and source (the mass-map EM demo).
 """
 
+from hierprior.physics.lensing.blind import BlindLensing
 from hierprior.physics.lensing.latent import LatentMassMap
 from hierprior.physics.lensing.mass import (
     SIE,
@@ -26,16 +34,42 @@ from hierprior.physics.lensing.mass import (
     Shear,
     ellipticity,
 )
+from hierprior.physics.lensing.parametric import Component, ParametricMass
 from hierprior.physics.lensing.pixelated import PixelatedConvergence
+from hierprior.physics.lensing.priors import (
+    AxisRatioAngle,
+    ComponentPrior,
+    Fixed,
+    LensPrior,
+    LogNormal,
+    MagnitudeAngle,
+    Normal,
+    ParameterPrior,
+    TruncatedNormal,
+    Uniform,
+)
 from hierprior.physics.lensing.simulator import Lensing, gaussian_psf
 from hierprior.physics.lensing.substructure import Multipole, PseudoJaffe, pseudo_jaffe_from_mass
 
 __all__ = [
+    "AxisRatioAngle",
+    "BlindLensing",
+    "Component",
+    "ComponentPrior",
+    "Fixed",
+    "LensPrior",
+    "LogNormal",
+    "MagnitudeAngle",
+    "Normal",
+    "ParameterPrior",
+    "TruncatedNormal",
+    "Uniform",
     "LatentMassMap",
     "Lensing",
     "MassModel",
     "MassSum",
     "Multipole",
+    "ParametricMass",
     "PixelatedConvergence",
     "PointMass",
     "PseudoJaffe",

@@ -39,6 +39,17 @@ coordinates' dtype and device; Python floats are stored in float64, so float64 c
 get float64 parameters. Parameters are buffers (``.to(device)`` moves them) and stay
 differentiable when given as tensors that require gradients.
 
+**Parameters at call time.** The maths of every component is a pure function of its
+parameters, :meth:`MassModel.deflection_at` / :meth:`MassModel.convergence_at` (class methods
+that take a mapping name -> tensor, broadcast against the coordinates, and the component's
+static options, e.g. a multipole's order); a model instance holds one set of parameter values
+and calls them, and :class:`~hierprior.physics.lensing.ParametricMass` evaluates a sum of
+components at a parameter tensor (N, [S,] d) passed in, with gradients flowing to it
+(:mod:`hierprior.physics.lensing.parametric`). Each class states its parameters' physical
+range: ``positive`` names (> 0), and ``unit_disc`` pairs that must lie inside the unit disc
+(an SIE's :math:`|(e_1, e_2)| < 1`); ``polar_pairs`` names the pairs a prior may give as a
+magnitude and an angle (:mod:`hierprior.physics.lensing.priors`).
+
 At the centre of a singular profile (:math:`r = 0`) the deflection is set to 0 and the
 convergence is infinite.
 
@@ -53,6 +64,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -99,12 +111,20 @@ class MassModel(ObservationCount, nn.Module):
 
     parameter_names: tuple[str, ...] = ()
     positive: tuple[str, ...] = ()
+    #: pairs of parameters that must lie inside the unit disc (an SIE's (e1, e2))
+    unit_disc: tuple[tuple[str, str], ...] = ()
+    #: pairs a prior may give as (magnitude, angle): name -> (first, second) parameter
+    polar_pairs: dict[str, tuple[str, str]] = {}
+    #: constructor arguments that are options, not parameters (a multipole's order m)
+    static_names: tuple[str, ...] = ()
     elementwise: bool = False
 
     def __init__(self, **params: object):
         super().__init__()
         counts = {}
         for name in self.parameter_names:
+            if name not in params:
+                raise TypeError(f"{type(self).__name__} needs the parameter {name}")
             t = _as_parameter(params[name], name, positive=name in self.positive)
             if t.dim() == 1:
                 counts[name] = t.shape[0]
@@ -115,6 +135,70 @@ class MassModel(ObservationCount, nn.Module):
                 + ", ".join(f"{k} has {v}" for k, v in counts.items())
             )
         self.num_obs = next(iter(counts.values())) if counts else None
+
+    # ------------------------------------------------------------------ pure maths
+    @classmethod
+    def deflection_at(
+        cls, params: Mapping[str, Tensor], x: Tensor, y: Tensor, **static: object
+    ) -> tuple[Tensor, Tensor]:
+        r"""The deflection of this profile with parameters ``params`` at (x, y).
+
+        Arguments:
+            params: every name of ``parameter_names`` -> a tensor that broadcasts against x
+                (e.g. (N, 1, 1) for coordinates (N, m, m)); gradients flow to them.
+            x, y: angular positions [arcsec], broadcastable against each other (an
+                ``elementwise`` class takes a separable grid x (…, 1, m), y (…, m, 1)).
+            static: the class's ``static_names`` (e.g. ``m`` of a multipole).
+
+        Returns:
+            (alpha_x, alpha_y), with the broadcast shape. No checks: the callers
+            (:meth:`deflection`, :class:`~hierprior.physics.lensing.ParametricMass`) make them.
+        """
+        raise NotImplementedError(f"{cls.__name__} does not implement deflection_at")
+
+    @classmethod
+    def convergence_at(
+        cls, params: Mapping[str, Tensor], x: Tensor, y: Tensor, **static: object
+    ) -> Tensor:
+        """The convergence with parameters ``params`` at (x, y) (see :meth:`deflection_at`)."""
+        raise NotImplementedError(f"{cls.__name__} does not implement convergence_at")
+
+    @classmethod
+    def prior(cls, label: str | None = None, **priors: object):
+        """The prior of this component's parameters, for a lens population or a joint sampler:
+        a :class:`~hierprior.physics.lensing.priors.ComponentPrior`.
+
+        Arguments:
+            label: the component's name in a sum (default: the class name, lower case).
+            priors: one entry per parameter (a distribution of
+                :mod:`hierprior.physics.lensing.priors`, or a number: fixed), or per polar pair
+                (``polar_pairs``, e.g. ``ellipticity`` of an SIE), and the ``static_names``;
+                a parameter left out keeps its constructor default (fixed).
+        """
+        from hierprior.physics.lensing.priors import ComponentPrior
+
+        return ComponentPrior(cls, label=label, **priors)
+
+    @classmethod
+    def check_static(cls, **static: object) -> None:
+        """Raises a one-line error for options that are not this class's ``static_names``
+        (subclasses with options check their values too)."""
+        unknown = sorted(set(static) - set(cls.static_names))
+        missing = sorted(set(cls.static_names) - set(static))
+        if unknown or missing:
+            raise ValueError(
+                f"{cls.__name__} takes the options {list(cls.static_names)} besides its "
+                f"parameters {list(cls.parameter_names)}; "
+                + (f"unknown: {unknown}" if unknown else f"missing: {missing}")
+            )
+
+    def static(self) -> dict:
+        """The values of ``static_names`` of this instance (e.g. ``{"m": 4}``)."""
+        return {name: getattr(self, name) for name in self.static_names}
+
+    def params(self, like: Tensor) -> dict[str, Tensor]:
+        """Every parameter in like's dtype/device, shaped to broadcast against like."""
+        return {name: self._param(name, like) for name in self.parameter_names}
 
     # ------------------------------------------------------------------ public API
     def deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -233,15 +317,11 @@ class MassModel(ObservationCount, nn.Module):
             t = t.reshape(-1, *([1] * (like.dim() - 1)))
         return t
 
-    def _offsets(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(x - center_x, y - center_y), for models with a centre."""
-        return x - self._param("center_x", x), y - self._param("center_y", x)
-
     def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        return self.deflection_at(self.params(x), x, y, **self.static())
 
     def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
+        return self.convergence_at(self.params(x), x, y, **self.static())
 
 
 class MassSum(MassModel):
@@ -319,6 +399,11 @@ def _atanh_over(t: Tensor, z: Tensor) -> Tensor:
     return _over_t(torch.atanh, 1.0, t, z)
 
 
+def _offsets(p: Mapping[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(x - center_x, y - center_y), for profiles with a centre."""
+    return x - p["center_x"], y - p["center_y"]
+
+
 class SIE(MassModel):
     r"""Singular isothermal ellipsoid (lenstronomy ``SIE``; see the module docstring).
 
@@ -331,6 +416,8 @@ class SIE(MassModel):
     elementwise = True
     parameter_names = ("theta_E", "e1", "e2", "center_x", "center_y")
     positive = ("theta_E",)
+    unit_disc = (("e1", "e2"),)
+    polar_pairs = {"ellipticity": ("e1", "e2")}
 
     def __init__(
         self,
@@ -345,21 +432,23 @@ class SIE(MassModel):
         if not (e < 1).all():
             raise ValueError(f"SIE ellipticity |e| = sqrt(e1^2 + e2^2) must be < 1; got {e}")
 
-    def _frame(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+    @staticmethod
+    def _frame(p: Mapping[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
         """Rotated offsets (x', y'), cos/sin of the position angle, and q."""
-        e1, e2 = self._param("e1", x), self._param("e2", x)
+        e1, e2 = p["e1"], p["e2"]
         e = torch.hypot(e1, e2)
         q = (1 - e) / (1 + e)
         phi = 0.5 * torch.atan2(e2, e1)
         c, s = torch.cos(phi), torch.sin(phi)
-        dx, dy = self._offsets(x, y)
+        dx, dy = _offsets(p, x, y)
         return torch.addcmul(c * dx, s, dy), torch.addcmul(c * dy, -s, dx), c, s, q
 
-    def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        xr, yr, c, s, q = self._frame(x, y)
+    @classmethod
+    def deflection_at(cls, params, x, y, **static):
+        xr, yr, c, s, q = cls._frame(params, x, y)
         psi = torch.hypot(q * xr, yr).clamp_min(_TINY)
         t = torch.sqrt((1 - q**2).clamp_min(0))  # one value per observation
-        b = self._param("theta_E", x) * torch.sqrt(q)
+        b = params["theta_E"] * torch.sqrt(q)
         if bool((t < 1e-3).any()):  # a (nearly) round lens: the series branches
             axr = b * _atan_over(t, xr / psi)
             ayr = b * _atanh_over(t, yr / psi)
@@ -371,9 +460,10 @@ class SIE(MassModel):
         v = torch.atanh(t * yr / psi)
         return torch.addcmul((-s * f) * v, c * f, u), torch.addcmul((c * f) * v, s * f, u)
 
-    def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        xr, yr, _, _, q = self._frame(x, y)
-        return self._param("theta_E", x) / (2 * torch.sqrt(q * xr**2 + yr**2 / q))
+    @classmethod
+    def convergence_at(cls, params, x, y, **static):
+        xr, yr, _, _, q = cls._frame(params, x, y)
+        return params["theta_E"] / (2 * torch.sqrt(q * xr**2 + yr**2 / q))
 
 
 class _CentredProfile(MassModel):
@@ -400,14 +490,16 @@ class SIS(_CentredProfile):
         center_x, center_y: the lens centre [arcsec].
     """
 
-    def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        dx, dy = self._offsets(x, y)
-        scale = self._param("theta_E", x) / torch.hypot(dx, dy).clamp_min(_TINY)
+    @classmethod
+    def deflection_at(cls, params, x, y, **static):
+        dx, dy = _offsets(params, x, y)
+        scale = params["theta_E"] / torch.hypot(dx, dy).clamp_min(_TINY)
         return scale * dx, scale * dy
 
-    def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        dx, dy = self._offsets(x, y)
-        return self._param("theta_E", x) / (2 * torch.hypot(dx, dy))
+    @classmethod
+    def convergence_at(cls, params, x, y, **static):
+        dx, dy = _offsets(params, x, y)
+        return params["theta_E"] / (2 * torch.hypot(dx, dy))
 
 
 class PointMass(_CentredProfile):
@@ -419,13 +511,15 @@ class PointMass(_CentredProfile):
         center_x, center_y: the position of the mass [arcsec].
     """
 
-    def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        dx, dy = self._offsets(x, y)
-        scale = self._param("theta_E", x) ** 2 / (dx**2 + dy**2).clamp_min(_TINY)
+    @classmethod
+    def deflection_at(cls, params, x, y, **static):
+        dx, dy = _offsets(params, x, y)
+        scale = params["theta_E"] ** 2 / (dx**2 + dy**2).clamp_min(_TINY)
         return scale * dx, scale * dy
 
-    def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        return torch.zeros_like(x)
+    @classmethod
+    def convergence_at(cls, params, x, y, **static):
+        return torch.zeros_like(torch.broadcast_tensors(x, y, params["theta_E"])[0])
 
 
 class Shear(MassModel):
@@ -438,16 +532,19 @@ class Shear(MassModel):
 
     elementwise = True
     parameter_names = ("gamma1", "gamma2")
+    polar_pairs = {"shear": ("gamma1", "gamma2")}
 
     def __init__(self, gamma1: float | Tensor, gamma2: float | Tensor):
         super().__init__(gamma1=gamma1, gamma2=gamma2)
 
-    def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        g1, g2 = self._param("gamma1", x), self._param("gamma2", x)
+    @classmethod
+    def deflection_at(cls, params, x, y, **static):
+        g1, g2 = params["gamma1"], params["gamma2"]
         return g1 * x + g2 * y, g2 * x - g1 * y
 
-    def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        return torch.zeros_like(x)
+    @classmethod
+    def convergence_at(cls, params, x, y, **static):
+        return torch.zeros_like(torch.broadcast_tensors(x, y, params["gamma1"])[0])
 
 
 # radians <-> lenstronomy ellipticity, for users converting from (q, phi)

@@ -29,8 +29,10 @@ zero, reached half a source pixel outside the field (``F.grid_sample`` with zero
 weights, the spreading of each pixel over its sub-pixels divided by :math:`k^2`, and the
 correlation with the PSF), so ``Lensing.linear`` is True and every E-step method, the exact
 Gaussian posterior included, applies. The ray-traced sampling grid depends on the lens only;
-it is computed once per dtype and device and reused, unless a lens parameter requires
-gradients (then it is traced on every call and the image is differentiable in the lens).
+it is computed once per dtype and device and reused while the lens's parameters keep the
+values it was traced with (they are compared on every call, so no change of the lens, in
+place or by reassignment, can leave stale rays), unless a lens parameter requires gradients
+(then it is traced on every call and the image is differentiable in the lens).
 
 References:
     Schneider, Ehlers and Falco (1992), Gravitational Lenses, Springer (the lens equation).
@@ -234,13 +236,37 @@ class Lensing(ForwardModel):
         lead = (1,) if self.mass.num_obs is not None else ()
         return c.reshape(*lead, 1, -1) - ax, c.reshape(*lead, -1, 1) - ay
 
+    def _lens_state(self) -> list[Tensor]:
+        """The lens as it is now: every tensor of the mass model (its parameters, a κ map)."""
+        return [] if self.mass is None else list(self.mass.buffers())
+
     def _sampling_grid(self, like: Tensor) -> Tensor:
-        """grid_sample coordinates of the rays, (N or 1, n k, n k, 2), in like's dtype."""
-        lens_grad = self.mass is not None and any(b.requires_grad for b in self.mass.buffers())
-        versions = () if self.mass is None else tuple(b._version for b in self.mass.buffers())
-        key = (like.dtype, like.device, versions)
-        if not lens_grad and key in self._grid_cache:
-            return self._grid_cache[key]
+        """grid_sample coordinates of the rays, (N or 1, n k, n k, 2), in like's dtype.
+
+        The grid is cached per (dtype, device) together with a copy of the lens's tensors, and
+        reused only while the lens's tensors still *equal* that copy (shapes and values):
+        a parameter changed in place or reassigned (``mass.theta_E = ...``) retraces the rays.
+        Comparing the few parameters costs nothing next to ray tracing.
+        """
+        state = self._lens_state()
+        if any(b.requires_grad for b in state):
+            return self._trace_grid(like, cache=False)
+        key = (like.dtype, like.device)
+        hit = self._grid_cache.get(key)
+        if hit is not None:
+            saved, grid = hit
+            if len(saved) == len(state) and all(
+                a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
+                for a, b in zip(saved, state)
+            ):
+                return grid
+        grid = self._trace_grid(like, cache=True)
+        self._grid_cache = {key: ([b.detach().clone() for b in state], grid)}
+        return grid
+
+    def _trace_grid(self, like: Tensor, cache: bool) -> Tensor:
+        """The ray-traced grid_sample coordinates, (N or 1, n k, n k, 2)."""
+        lens_grad = not cache
         bx, by = self.ray_trace(like.dtype, like.device)
         half = self.source_fov / 2
         if lens_grad:
@@ -251,8 +277,6 @@ class Lensing(ForwardModel):
             torch.div(by, half, out=grid[..., 1])
         if grid.dim() == 3:
             grid = grid.unsqueeze(0)
-        if not lens_grad:
-            self._grid_cache = {key: grid}
         return grid
 
     # ------------------------------------------------------------------ the map
@@ -269,11 +293,32 @@ class Lensing(ForwardModel):
         return grid if grid.shape[0] == n else grid.expand(n, *grid.shape[1:])
 
     def _forward(self, x: Tensor) -> Tensor:
+        return self.render(x, self._sampling_grid(x))
+
+    def render(self, x: Tensor, grid: Tensor) -> Tensor:
+        """The image of sources x (N, S, 1, n_s, n_s) read at the ray positions ``grid``
+        (grid_sample coordinates β / (F_s / 2), x then y): (N or 1, m, m, 2), one lens per
+        observation shared by its S samples, or (N·S, m, m, 2), one lens per (observation,
+        sample), observation-major; m = n k. Returns (N, S, 1, n, n) (supersampled pixels
+        averaged, then the PSF). Differentiable in x and grid."""
         N, S = x.shape[:2]
-        grid = self._expand_grid(self._sampling_grid(x), N)
-        image = F.grid_sample(
-            x[:, :, 0], grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
+        if S > 1 and grid.shape[0] == N * S:
+            n_s = x.shape[-1]
+            image = F.grid_sample(
+                x.reshape(N * S, 1, n_s, n_s),
+                grid,
+                mode="bilinear",
+                padding_mode="zeros",
+                align_corners=False,
+            ).reshape(N, S, *grid.shape[1:3])
+        else:
+            image = F.grid_sample(
+                x[:, :, 0],
+                self._expand_grid(grid, N),
+                mode="bilinear",
+                padding_mode="zeros",
+                align_corners=False,
+            )
         if self.supersample > 1:
             image = F.avg_pool2d(image, self.supersample)
         image = image.unsqueeze(2)

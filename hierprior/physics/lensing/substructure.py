@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from hierprior.checks import check_int
-from hierprior.physics.lensing.mass import _TINY, MassModel
+from hierprior.physics.lensing.mass import _TINY, MassModel, _offsets
 
 __all__ = ["PseudoJaffe", "Multipole", "pseudo_jaffe_from_mass"]
 
@@ -77,21 +77,24 @@ class PseudoJaffe(MassModel):
         if not (self.Ra.detach() != self.Rs.detach()).all():
             raise ValueError("PseudoJaffe needs Ra != Rs (the core and truncation radii)")
 
-    def _radii(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        ra, rs = self._param("Ra", like), self._param("Rs", like)
+    @staticmethod
+    def _radii(p) -> tuple[Tensor, Tensor, Tensor]:
+        ra, rs = p["Ra"], p["Rs"]
         a, s = torch.minimum(ra, rs), torch.maximum(ra, rs)
-        return a, s, self._param("sigma0", like) * a * s / (s - a)
+        return a, s, p["sigma0"] * a * s / (s - a)
 
-    def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        dx, dy = self._offsets(x, y)
-        a, s, norm = self._radii(x)
+    @classmethod
+    def deflection_at(cls, params, x, y, **static):
+        dx, dy = _offsets(params, x, y)
+        a, s, norm = cls._radii(params)
         r2 = dx * dx + dy * dy
         f = 2 * norm * (1 / (torch.sqrt(a * a + r2) + a) - 1 / (torch.sqrt(s * s + r2) + s))
         return f * dx, f * dy
 
-    def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        dx, dy = self._offsets(x, y)
-        a, s, norm = self._radii(x)
+    @classmethod
+    def convergence_at(cls, params, x, y, **static):
+        dx, dy = _offsets(params, x, y)
+        a, s, norm = cls._radii(params)
         r2 = dx * dx + dy * dy
         return norm * (torch.rsqrt(a * a + r2) - torch.rsqrt(s * s + r2))
 
@@ -118,6 +121,7 @@ class Multipole(MassModel):
 
     elementwise = True
     parameter_names = ("a_m", "phi_m", "center_x", "center_y")
+    static_names = ("m",)
 
     def __init__(
         self,
@@ -134,24 +138,33 @@ class Multipole(MassModel):
     def _rebuild(self, params: dict[str, Tensor]) -> MassModel:
         return Multipole(self.m, **params)
 
-    def _angles(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
-        dx, dy = self._offsets(x, y)
-        phi = torch.atan2(dy, dx)
-        arg = self.m * (phi - self._param("phi_m", x))
-        return dx, dy, phi, arg
+    @classmethod
+    def check_static(cls, **static: object) -> None:
+        super().check_static(**static)
+        m = static["m"]
+        if isinstance(m, bool) or not isinstance(m, int) or m < 2:
+            raise ValueError(f"Multipole order m must be an integer >= 2; got {m!r}")
 
-    def _deflection(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        _, _, phi, arg = self._angles(x, y)
-        amp = self._param("a_m", x) / (1 - self.m**2)
+    @staticmethod
+    def _angles(p, x: Tensor, y: Tensor, m: int) -> tuple[Tensor, ...]:
+        dx, dy = _offsets(p, x, y)
+        phi = torch.atan2(dy, dx)
+        return dx, dy, phi, m * (phi - p["phi_m"])
+
+    @classmethod
+    def deflection_at(cls, params, x, y, *, m: int, **static):
+        _, _, phi, arg = cls._angles(params, x, y, m)
+        amp = params["a_m"] / (1 - m**2)
         a_r = amp * torch.cos(arg)
-        a_phi = -self.m * amp * torch.sin(arg)
+        a_phi = -m * amp * torch.sin(arg)
         c, s = torch.cos(phi), torch.sin(phi)
         return c * a_r - s * a_phi, s * a_r + c * a_phi
 
-    def _convergence(self, x: Tensor, y: Tensor) -> Tensor:
-        dx, dy, _, arg = self._angles(x, y)
+    @classmethod
+    def convergence_at(cls, params, x, y, *, m: int, **static):
+        dx, dy, _, arg = cls._angles(params, x, y, m)
         r = torch.hypot(dx, dy).clamp_min(_TINY)
-        return self._param("a_m", x) * torch.cos(arg) / (2 * r)
+        return params["a_m"] * torch.cos(arg) / (2 * r)
 
     def extra_repr(self) -> str:
         return f"m={self.m}, " + super().extra_repr()
