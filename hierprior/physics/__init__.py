@@ -3,6 +3,11 @@
 See :mod:`hierprior.physics.forward` for the shape conventions shared by every model.
 """
 
+from hierprior.physics.correlated_noise import (
+    CorrelatedNoise,
+    noise_autocovariance,
+    spectrum_from_autocovariance,
+)
 from hierprior.physics.forward import Compose, ForwardModel, Identity, observation_index
 from hierprior.physics.learned_noise import LearnedNoise, likelihood_score, noise_score
 from hierprior.physics.lensing import (
@@ -37,6 +42,9 @@ __all__ = [
     "PixelatedConvergence",
     "NoiseModel",
     "GaussianNoise",
+    "CorrelatedNoise",
+    "noise_autocovariance",
+    "spectrum_from_autocovariance",
     "LearnedNoise",
     "noise_score",
     "likelihood_score",
