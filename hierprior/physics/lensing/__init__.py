@@ -10,6 +10,13 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
   source with an exact adjoint; :func:`gaussian_psf`.
 """
 
+from hierprior.physics.lensing.light import (
+    LensLight,
+    LightProfile,
+    LightSum,
+    MultiGaussian,
+    Sersic,
+)
 from hierprior.physics.lensing.mass import (
     SIE,
     SIS,
@@ -23,13 +30,18 @@ from hierprior.physics.lensing.pixelated import PixelatedConvergence
 from hierprior.physics.lensing.simulator import Lensing, gaussian_psf
 
 __all__ = [
+    "LensLight",
     "Lensing",
+    "LightProfile",
+    "LightSum",
+    "MultiGaussian",
     "MassModel",
     "MassSum",
     "PixelatedConvergence",
     "PointMass",
     "SIE",
     "SIS",
+    "Sersic",
     "Shear",
     "ellipticity",
     "gaussian_psf",
