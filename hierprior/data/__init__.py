@@ -17,9 +17,12 @@ from hierprior.data.imaging import (
     SLACS_LENSES,
     BlankSky,
     ImagingData,
+    correlated_noise_from_sky,
     load_imaging,
     load_slacs,
     prepare_psf,
+    sky_noise_realisations,
+    sky_noise_unit,
     slacs_info,
 )
 from hierprior.data.mnist import (
@@ -39,6 +42,7 @@ __all__ = [
     "SPIRAL_PARAMS",
     "Uniform",
     "check_value_range",
+    "correlated_noise_from_sky",
     "from_value_range",
     "load_imaging",
     "load_mnist",
@@ -47,6 +51,8 @@ __all__ = [
     "make_gaussian_random_fields",
     "prepare_psf",
     "sersic_b",
+    "sky_noise_realisations",
+    "sky_noise_unit",
     "slacs_info",
     "to_value_range",
 ]

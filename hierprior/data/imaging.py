@@ -54,9 +54,12 @@ __all__ = [
     "BlankSky",
     "ImagingData",
     "SLACS_LENSES",
+    "correlated_noise_from_sky",
     "load_imaging",
     "load_slacs",
     "prepare_psf",
+    "sky_noise_realisations",
+    "sky_noise_unit",
     "slacs_info",
 ]
 
@@ -227,6 +230,15 @@ class BlankSky:
         """The median of the noise map over the patches (the map's blank-sky level)."""
         nm = self.noise_map if held_out is None else self.noise_map[self.held_out == held_out]
         return float(nm.median())
+
+    def relative_residuals(self, detrend: str = "plane", held_out: bool | None = False) -> Tensor:
+        r"""The residuals divided by the relative noise map :math:`w = \sigma_{map} / \ell`
+        (:math:`\ell` = :meth:`noise_level` of the fitting patches): realisations of the
+        stationary part u of the noise model :math:`n = w \odot u` (see
+        :class:`~hierprior.physics.CorrelatedNoise`), in data units at the sky level.
+        Shape (K', p, p)."""
+        nm = self.noise_map if held_out is None else self.noise_map[self.held_out == held_out]
+        return self.residuals(detrend, held_out) * (self.noise_level(False) / nm)
 
 
 @dataclass(frozen=True)
@@ -491,3 +503,84 @@ def load_slacs(
     if mask is not None:
         data = data.with_mask(mask)
     return data
+
+
+def sky_noise_realisations(
+    name: str = "slacs1430+4105",
+    n: int = 20_000,
+    size: int = 16,
+    *,
+    detrend: str = "plane",
+    seed: int = 0,
+    value_range: tuple[float, float] | list[float] | None = None,
+) -> Tensor:
+    r"""Noise realisations of a bundled lens's exposure, for a SLIC noise model (a data
+    ``_target_`` of ``hierprior-train-prior``: ``conf/data/slacs_sky_noise.yaml``).
+
+    Random ``size`` x ``size`` crops of its blank-sky fitting patches (the held-out ones are
+    never used), each patch minus its background (``detrend``) and divided by the relative
+    noise map (:meth:`BlankSky.relative_residuals`), rotated by 180 degrees at random (a
+    symmetry of stationary noise), in units of their standard deviation :math:`\sigma_{sky}`
+    (:func:`sky_noise_unit`).
+
+    Arguments:
+        name: a bundled lens (:data:`SLACS_LENSES`).
+        n: the number of crops.
+        size: their side, <= the patch side (24).
+        detrend: ``"plane"``, ``"mean"`` or ``"none"``.
+        seed: the seed of the crops (a private generator).
+        value_range: the display range of training sample grids (unused here).
+
+    Returns:
+        float32 (n, 1, size, size).
+    """
+    n = check_int(n, "n", 1)
+    size = check_int(size, "size", 1)
+    sky = load_slacs(name).sky
+    patches = sky.relative_residuals(detrend, held_out=False)
+    side = patches.shape[-1]
+    if size > side:
+        raise ValueError(f"size must be at most the patch side {side}; got {size}")
+    patches = patches / patches.std()
+    g = torch.Generator().manual_seed(int(seed))
+    k = torch.randint(len(patches), (n,), generator=g)
+    r0 = torch.randint(side - size + 1, (n,), generator=g)
+    c0 = torch.randint(side - size + 1, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    rows = r0[:, None] + torch.arange(size)[None, :]
+    cols = c0[:, None] + torch.arange(size)[None, :]
+    crops = patches[k[:, None, None], rows[:, :, None], cols[:, None, :]]
+    crops = torch.where(flip[:, None, None], crops.flip(-2, -1), crops)
+    return crops.unsqueeze(1).float()
+
+
+def sky_noise_unit(name: str, detrend: str = "plane") -> float:
+    """sigma_sky: the standard deviation of a bundled lens's relative blank-sky residuals
+    (:meth:`BlankSky.relative_residuals` of the fitting patches), the unit of
+    :func:`sky_noise_realisations` (the ``scale`` of a :class:`~hierprior.physics.LearnedNoise`
+    trained on them, at the noise map's sky level)."""
+    return float(load_slacs(name).sky.relative_residuals(detrend, held_out=False).std())
+
+
+def correlated_noise_from_sky(data: ImagingData, max_lag: int = 2, detrend: str = "plane"):
+    r"""The :class:`~hierprior.physics.CorrelatedNoise` of an image, learned from its blank sky.
+
+    :math:`n = w \odot u` with :math:`w = \sigma_{map} / \ell` (the image's noise map over its
+    blank-sky level :math:`\ell`, :meth:`BlankSky.noise_level`) and u stationary with the
+    autocovariance of the relative sky residuals (:meth:`BlankSky.relative_residuals`, fitting
+    patches only) at lags up to ``max_lag``: the blank sky sets the level and the correlation,
+    the noise map only how the level changes across the image (the Poisson noise of the lens
+    and the arcs). Unobserved pixels of ``data`` are marginalised.
+
+    Returns:
+        A shared ``CorrelatedNoise`` on ``data.shape`` with ``obs_shape`` (1, H, W).
+    """
+    from hierprior.physics import CorrelatedNoise  # data -> physics, never the reverse
+
+    if data.sky is None:
+        raise ValueError("the data have no blank-sky patches (data.sky is None)")
+    u = data.sky.relative_residuals(detrend, held_out=False)
+    scale = data.noise_map / data.sky.noise_level(False)
+    return CorrelatedNoise.from_patches(
+        u, data.shape, max_lag=max_lag, scale=scale, observed=data.observed
+    )
