@@ -508,7 +508,7 @@ def load_slacs(
 def sky_noise_realisations(
     name: str = "slacs1430+4105",
     n: int = 20_000,
-    size: int = 16,
+    resolution: int = 16,
     *,
     detrend: str = "plane",
     seed: int = 0,
@@ -517,7 +517,7 @@ def sky_noise_realisations(
     r"""Noise realisations of a bundled lens's exposure, for a SLIC noise model (a data
     ``_target_`` of ``hierprior-train-prior``: ``conf/data/slacs_sky_noise.yaml``).
 
-    Random ``size`` x ``size`` crops of its blank-sky fitting patches (the held-out ones are
+    Random ``resolution`` x ``resolution`` crops of its blank-sky fitting patches (the held-out ones are
     never used), each patch minus its background (``detrend``) and divided by the relative
     noise map (:meth:`BlankSky.relative_residuals`), rotated by 180 degrees at random (a
     symmetry of stationary noise), in units of their standard deviation :math:`\sigma_{sky}`
@@ -526,7 +526,7 @@ def sky_noise_realisations(
     Arguments:
         name: a bundled lens (:data:`SLACS_LENSES`).
         n: the number of crops.
-        size: their side, <= the patch side (24).
+        resolution: their side, <= the patch side (24).
         detrend: ``"plane"``, ``"mean"`` or ``"none"``.
         seed: the seed of the crops (a private generator).
         value_range: the display range of training sample grids (unused here).
@@ -535,12 +535,12 @@ def sky_noise_realisations(
         float32 (n, 1, size, size).
     """
     n = check_int(n, "n", 1)
-    size = check_int(size, "size", 1)
+    size = check_int(resolution, "resolution", 1)
     sky = load_slacs(name).sky
     patches = sky.relative_residuals(detrend, held_out=False)
     side = patches.shape[-1]
     if size > side:
-        raise ValueError(f"size must be at most the patch side {side}; got {size}")
+        raise ValueError(f"resolution must be at most the patch side {side}; got {size}")
     patches = patches / patches.std()
     g = torch.Generator().manual_seed(int(seed))
     k = torch.randint(len(patches), (n,), generator=g)
