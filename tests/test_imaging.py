@@ -148,3 +148,41 @@ def test_bundled_lens_errors():
         load_slacs("slacs0000+0000")
     with pytest.raises(ValueError, match="size must be odd"):
         load_slacs(SLACS_LENSES[0], size=60)
+
+
+def test_noise_from_the_blank_sky():
+    from hierprior.data import correlated_noise_from_sky, sky_noise_realisations, sky_noise_unit
+
+    data = load_slacs("slacs2303+1422", size=41)
+    sky = data.sky
+    u = sky.relative_residuals(held_out=False)
+    assert u.shape == sky.residuals(held_out=False).shape
+    noise = correlated_noise_from_sky(data)
+    assert noise.obs_shape == (1, 41, 41) and noise.num_obs is None
+    # the blank sky's level: the model's marginal sd there is the sky scatter, below the map's
+    level = sky.noise_level()
+    sd = noise.std(torch.zeros(1, 1, 41, 41, dtype=torch.float64))[0, 0]
+    np.testing.assert_allclose(sd * level / data.noise_map, float(u.std()), rtol=0.02)
+    assert float(u.std()) < 0.8 * level
+    # held-out sky, whitened with the same autocovariance on its own grid, is ~N(0, 1)
+    from hierprior.physics import CorrelatedNoise
+
+    held = sky.residuals(held_out=True)
+    w = sky.noise_map[sky.held_out] / level
+    model = CorrelatedNoise.from_patches(u, (24, 24), max_lag=2, scale=w, obs_shape=(24, 24))
+    z = model.whiten(held)
+    assert abs(float(z.std()) - 1) < 0.05
+    assert abs(float((z[..., 1:] * z[..., :-1]).mean() / z.var())) < 0.05  # decorrelated
+    raw = held / w
+    assert float((raw[..., 1:] * raw[..., :-1]).mean() / raw.var()) > 0.15  # it was correlated
+    # masks are marginalised
+    masked = data.with_mask(np.pad(np.ones((3, 3)), 19))
+    assert int((~correlated_noise_from_sky(masked).observed).sum()) == 9
+    # SLIC training data: unit variance crops of the fitting sky
+    x = sky_noise_realisations("slacs2303+1422", n=500, resolution=16, seed=1)
+    assert x.shape == (500, 1, 16, 16) and x.dtype == torch.float32
+    assert abs(float(x.std()) - 1) < 0.1
+    assert torch.equal(x, sky_noise_realisations("slacs2303+1422", n=500, resolution=16, seed=1))
+    assert 0.005 < sky_noise_unit("slacs2303+1422") < 0.008
+    with pytest.raises(ValueError, match="at most the patch side"):
+        sky_noise_realisations("slacs2303+1422", n=2, resolution=32)

@@ -9,6 +9,8 @@ to the non-linear parameters.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -219,3 +221,35 @@ def test_light_needs_a_gaussian_noise_model():
         )
     with pytest.raises(ValueError, match="sigmas"):
         MultiGaussian([0.1, -1.0])
+
+
+def test_end_to_end_lensed_source_plus_light_plus_correlated_noise():
+    """y = Lensing(SIE + shear) source + LensLight + correlated noise: the light amplitudes are
+    recovered within their posterior sd and chi^2 under the noise model is ~ the pixel count."""
+    from hierprior.physics.lensing import SIE, Shear
+
+    n, p = 41, 0.05
+    g = torch.Generator().manual_seed(7)
+    psf = gaussian_psf(0.1, p, 9)
+    lensing = Lensing(SIE(0.7, 0.1, -0.05) + Shear(0.02, 0.01), n, p, 32, 1.2, 2, psf)
+    sx, sy = lensing.source_grid()
+    source = torch.exp(-((sx - 0.05) ** 2 + sy**2) / (2 * 0.08**2))[None, None]
+    light = LensLight(Sersic() + Sersic(), n, p, 2, psf)
+    eta = torch.tensor(
+        [[0.8, 4.0, 0.1, 0.0, 0.0, 0.0, 0.15, 1.0, 0.05, 0.0, 0.0, 0.0]], dtype=torch.float64
+    )
+    amps = torch.tensor([[0.3, 2.0]], dtype=torch.float64)
+    acf = torch.tensor(
+        [[0.01, 0.07, 0.01], [0.25, 1.0, 0.25], [0.01, 0.07, 0.01]], dtype=torch.float64
+    )
+    noise = CorrelatedNoise(0.02**2 * spectrum_from_autocovariance(acf, (n, n)))
+    clean = lensing(source) + light(eta, amps)
+    y = clean + noise.sample((1, 1, n, n), generator=g, dtype=torch.float64)
+    target = y - lensing(source)
+    mean, cov = light.amplitude_posterior(eta, target, noise)
+    z = (mean - amps) / cov.diagonal(dim1=-2, dim2=-1).sqrt()
+    assert (z.abs() < 4).all()
+    r = y - lensing(source) - light(eta, mean)
+    chi2 = float((noise.whiten(r) ** 2).sum())
+    dof = n * n - 2
+    assert abs(chi2 - dof) < 5 * math.sqrt(2 * dof)
