@@ -517,8 +517,8 @@ def sky_noise_realisations(
     r"""Noise realisations of a bundled lens's exposure, for a SLIC noise model (a data
     ``_target_`` of ``hierprior-train-prior``: ``conf/data/slacs_sky_noise.yaml``).
 
-    Random ``resolution`` x ``resolution`` crops of its blank-sky fitting patches (the held-out ones are
-    never used), each patch minus its background (``detrend``) and divided by the relative
+    Random ``resolution`` x ``resolution`` crops of its blank-sky fitting patches (the held-out
+    ones are never used), each patch minus its background (``detrend``) and divided by the relative
     noise map (:meth:`BlankSky.relative_residuals`), rotated by 180 degrees at random (a
     symmetry of stationary noise), in units of their standard deviation :math:`\sigma_{sky}`
     (:func:`sky_noise_unit`).
