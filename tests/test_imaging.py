@@ -186,3 +186,40 @@ def test_noise_from_the_blank_sky():
     assert 0.005 < sky_noise_unit("slacs2303+1422") < 0.008
     with pytest.raises(ValueError, match="at most the patch side"):
         sky_noise_realisations("slacs2303+1422", n=2, resolution=32)
+
+
+@pytest.mark.slow
+def test_slic_on_the_bundled_sky_trains_and_scores(tmp_path):
+    """hierprior-train-prior experiment=slic_slacs, shrunk: the data target, the config and a
+    LearnedNoise around the trained model (plumbing; the quality is measured in
+    experiments/slacs/README.md)."""
+    from hydra import compose, initialize_config_dir
+
+    from hierprior.config import CONF_DIR
+    from hierprior.data import sky_noise_unit
+    from hierprior.diffusion.checkpoint import load_prior
+    from hierprior.physics import LearnedNoise
+    from hierprior.training import fit_prior
+
+    overrides = [
+        "experiment=slic_slacs",
+        "data.name=slacs2303+1422",
+        "data.n=512",
+        f"run_dir={tmp_path}",
+        "train.steps=20",
+        "train.warmup=5",
+        "train.ckpt_every=10",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train_prior", overrides=overrides)
+    out = fit_prior(cfg)
+    denoiser = load_prior(out.prior)
+    unit = sky_noise_unit("slacs2303+1422")
+    noise = LearnedNoise(denoiser, unit, smoothing=0.3)
+    held = load_slacs("slacs2303+1422").sky.residuals(held_out=True)[:2, :16, :16]
+    score = noise.score(held.unsqueeze(1).float())
+    assert score.shape == (2, 1, 16, 16) and torch.isfinite(score).all()
+    draw = noise.sample((2, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    assert draw.shape == (2, 1, 16, 16) and torch.isfinite(draw).all()
