@@ -8,6 +8,9 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
 - :mod:`hierprior.physics.lensing.simulator`: :class:`Lensing`, the image of a pixelated source
   through a mass model (ray tracing, bilinear interpolation, supersampling, PSF), linear in the
   source with an exact adjoint; :func:`gaussian_psf`.
+- :mod:`hierprior.physics.lensing.light`: the lens galaxy's light, :class:`LensLight` of a
+  :class:`Sersic`, :class:`MultiGaussian` or their sum (:class:`LightSum`), non-linear
+  parameters at call time, amplitudes solved by weighted least squares or sampled.
 """
 
 from hierprior.physics.lensing.light import (
