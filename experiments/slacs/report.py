@@ -250,6 +250,21 @@ def markdown(all_res: dict) -> str:
         "| hierprior LensLight vs lenstronomy, max \\|Δ\\|/peak | " + " | ".join(cells) + " |"
     )
     lines.append("")
+    lines.append(
+        "Annulus means of the normalised residuals in the lensed-light mask (r/σ_map; whitened):"
+    )
+    lines.append("")
+    lines.append("| r [″] | " + " | ".join(f"{n}: r/σ_map | {n}: whitened" for n in names) + " |")
+    lines.append("| --- |" + " --- | --- |" * len(names))
+    radii = sorted({row["r_in"] for n in names for row in all_res[n]["annuli_white"]})
+    for r0 in radii:
+        cells = []
+        for n in names:
+            for key in ("annuli_white", "annuli_correlated"):
+                row = next((x for x in all_res[n][key] if x["r_in"] == r0), None)
+                cells.append("" if row is None else f"{row['mean']:+.2f} ± {row['sem']:.2f}")
+        lines.append(f"| {r0:.1f}–{r0 + ANNULUS:.1f} | " + " | ".join(cells) + " |")
+    lines.append("")
     for n in names:
         s, t, fit = (
             all_res[n]["fit"]["settings"],
