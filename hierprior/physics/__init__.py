@@ -3,15 +3,25 @@
 See :mod:`hierprior.physics.forward` for the shape conventions shared by every model.
 """
 
+from hierprior.physics.correlated_noise import (
+    CorrelatedNoise,
+    noise_autocovariance,
+    spectrum_from_autocovariance,
+)
 from hierprior.physics.forward import Compose, ForwardModel, Identity, observation_index
 from hierprior.physics.learned_noise import LearnedNoise
 from hierprior.physics.lensing import (
     SIE,
     SIS,
     Lensing,
+    LensLight,
+    LightProfile,
+    LightSum,
     MassModel,
+    MultiGaussian,
     PixelatedConvergence,
     PointMass,
+    Sersic,
     Shear,
 )
 from hierprior.physics.linear import Blur, DenseLinear, Downsample, Mask, Reshape
@@ -41,9 +51,17 @@ __all__ = [
     "Shear",
     "PointMass",
     "PixelatedConvergence",
+    "LensLight",
+    "LightProfile",
+    "LightSum",
+    "Sersic",
+    "MultiGaussian",
     "NoiseModel",
     "GaussianNoiseModel",
     "GaussianNoise",
+    "CorrelatedNoise",
+    "noise_autocovariance",
+    "spectrum_from_autocovariance",
     "LearnedNoise",
     "noise_score",
     "likelihood_score",

@@ -21,10 +21,20 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
 - :mod:`hierprior.physics.lensing.latent`: :class:`LatentMassMap`, the forward model whose
   unknown is a pixelated convergence correction :math:`\delta\kappa` on top of a known macro
   model and source (the mass-map EM demo).
+- :mod:`hierprior.physics.lensing.light`: the lens galaxy's light, :class:`LensLight` of a
+  :class:`Sersic`, :class:`MultiGaussian` or their sum (:class:`LightSum`), non-linear
+  parameters at call time, amplitudes solved by weighted least squares or sampled.
 """
 
 from hierprior.physics.lensing.blind import BlindLensing
 from hierprior.physics.lensing.latent import LatentMassMap
+from hierprior.physics.lensing.light import (
+    LensLight,
+    LightProfile,
+    LightSum,
+    MultiGaussian,
+    Sersic,
+)
 from hierprior.physics.lensing.mass import (
     SIE,
     SIS,
@@ -65,7 +75,11 @@ __all__ = [
     "TruncatedNormal",
     "Uniform",
     "LatentMassMap",
+    "LensLight",
     "Lensing",
+    "LightProfile",
+    "LightSum",
+    "MultiGaussian",
     "MassModel",
     "MassSum",
     "Multipole",
@@ -75,6 +89,7 @@ __all__ = [
     "PseudoJaffe",
     "SIE",
     "SIS",
+    "Sersic",
     "Shear",
     "ellipticity",
     "gaussian_psf",
