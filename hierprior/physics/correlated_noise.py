@@ -407,6 +407,16 @@ class CorrelatedNoise(NoiseModel):
         r""":math:`\nabla_n \log p(n) = -\Sigma_{OO}^{-1} n_O` (0 on unobserved pixels)."""
         return -self.inv_cov_action(n)
 
+    def standardize(self, n: Tensor) -> Tensor:
+        """The whitened n (:meth:`whiten`), as every Gaussian model."""
+        return self.whiten(n)
+
+    def covariance_matrix(self, like: Tensor) -> Tensor:
+        r"""The dense :math:`\Sigma_i` (N, M, M) in float64, by ``cov_action`` on unit vectors."""
+        from hierprior.physics.noise import GaussianNoiseModel
+
+        return GaussianNoiseModel.covariance_matrix(self, like)
+
     def whiten(self, r: Tensor) -> Tensor:
         r""":math:`z = C^{-1/2} W^{-1} \tilde r` (see the module docstring): r's shape,
         :math:`\|z\|^2 = r_O^\top \Sigma_{OO}^{-1} r_O`."""
