@@ -59,8 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hierprior.checks import check_int
-from hierprior.physics.lensing.simulator import _check_length, _psf_kernel
+from hierprior.checks import check_int, check_positive
+from hierprior.physics.lensing.simulator import _psf_kernel
 from hierprior.physics.linear import Blur
 from hierprior.physics.noise import NoiseModel
 
@@ -238,7 +238,7 @@ class LensLight(nn.Module):
             raise TypeError(f"profile must be a LightProfile; got {type(profile).__name__}")
         self.profile = profile
         self.image_size = check_int(image_size, "image_size", 1)
-        self.pixel_scale = _check_length(pixel_scale, "pixel_scale")
+        self.pixel_scale = check_positive(pixel_scale, "pixel_scale")
         self.supersample = check_int(supersample, "supersample", 1)
         kernel, per_obs = _psf_kernel(psf, self.pixel_scale)
         n = self.image_size
