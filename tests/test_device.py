@@ -196,7 +196,14 @@ def test_hierprior_em_leaves_tf32_alone(monkeypatch, tf32_flags, tmp_path):
     from hierprior.em import Population
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("em", overrides=["experiment=mnist_shift_tiny", "trainer.accelerator=gpu"])
+        cfg = compose(
+            "em",
+            overrides=[
+                "experiment=mnist_shift_tiny",
+                "trainer.accelerator=gpu",
+                "em.oracle=false",
+            ],
+        )
     pop = masked_population(n=4, r=16)
     prior = conv_prior(r=16)
     seen = []

@@ -28,6 +28,7 @@ from hierprior.posterior import (
     TDS,
     DenoiserMethod,
     ExactGaussian,
+    Joint,
     MMPSDenoiser,
     Observation,
     PiGDM,
@@ -51,8 +52,11 @@ from hierprior.posterior import (
 
 F64 = torch.float64
 METHODS = sorted(POSTERIOR_METHODS)
-#: the methods that sample through a diffusion (all but the closed-form "exact")
-DIFFUSION_METHODS = [m for m in METHODS if m != "exact"]
+#: the methods for a known forward model (all but "joint", which needs a BlindLensing and has
+#: its own tests in tests/test_joint.py)
+KNOWN_FORWARD = [m for m in METHODS if m != "joint"]
+#: the methods that sample a known forward model through a diffusion (all but "exact")
+DIFFUSION_METHODS = [m for m in KNOWN_FORWARD if m != "exact"]
 SAMPLER_CONF = Path(__file__).resolve().parents[1] / "conf" / "sampler"
 
 
@@ -357,6 +361,7 @@ def test_registry_and_exports():
         "daps": DAPS,
         "tds": TDS,
         "exact": ExactGaussian,
+        "joint": Joint,
     }
     assert list(POSTERIOR_METHODS) == list(classes)  # registration order = documented order
     assert POSTERIOR_METHODS == classes
@@ -446,11 +451,14 @@ def test_options_are_plain_and_round_trip(method):
     default = cls()
     opts = default.options()
     assert list(opts) == ["method", *cls.accepted_options()]
-    assert opts["method"] == method and opts["steps"] == 256
+    assert opts["method"] == method and opts["steps"] == (64 if method == "joint" else 256)
     assert json.loads(json.dumps(opts)) == opts  # JSON-able, plain values
     assert posterior_method(opts) == default and hash(posterior_method(opts)) == hash(default)
     changed = posterior_method(method, steps=7, batch_size=3)
-    assert changed != default and changed.options() == {**opts, "steps": 7, "batch_size": 3}
+    expected = {**opts, "steps": 7, "batch_size": 3}
+    if method == "joint":  # the source method takes the joint method's steps
+        expected["source"] = {**opts["source"], "steps": 7}
+    assert changed != default and changed.options() == expected
     assert repr(changed).startswith(f"{cls.__name__}(steps=7, ")
 
 
@@ -470,6 +478,9 @@ def test_sampler_configs_build_every_method():
         options = method.options()
         # every value as written; a null spacing is stored resolved (the sampler's own grid)
         written = {**cfg, "spacing": options["spacing"]} if "spacing" in cfg else cfg
+        if f.stem == "joint":  # the source method's options are stored complete
+            source = posterior_method({**cfg["source"], "steps": cfg["steps"]}).options()
+            written = {**written, "source": {**source, "spacing": options["spacing"]}}
         assert {k: options[k] for k in cfg} == written, f.name
         assert cfg.get("spacing", None) is None and options["spacing"] == "edm", f.name
         if f.stem == "exact":
@@ -530,8 +541,10 @@ def test_check_needs_no_observations():
     prior, forward, _, _, _ = gaussian_problem(n=2)
     nonlinear = NonLinear(lambda x: x[:, :4] ** 2, (8,), (4,))
     gmm = GaussianMixturePrior(torch.ones(1, dtype=F64), prior.mean[None], prior.cov[None])
-    for name in METHODS:
+    for name in KNOWN_FORWARD:
         POSTERIOR_METHODS[name]().check(prior, forward)  # every method runs here
+    with pytest.raises(TypeError, match="needs a BlindLensing"):
+        POSTERIOR_METHODS["joint"]().check(prior, forward)
     with pytest.raises(ValueError, match="likelihood_step='exact' needs a linear"):
         DAPS(likelihood_step="exact").check(prior, nonlinear)
     DAPS().check(prior, nonlinear)  # the default resolves to Langevin
@@ -613,7 +626,7 @@ def perturbed(forward, noise, y, seed=10):
     return DenseLinear(A), GaussianNoise(sigma), y2
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", KNOWN_FORWARD)
 def test_no_coupling_between_observations(method):
     """Observation 0's samples do not change when every other observation changes.
 

@@ -189,7 +189,7 @@ def run(cfg: dict, sampler: str, root: Path) -> dict:
         ),
         # DiEM runs a fixed number of rounds: the rule is measured (stop_pvalue), never fires
         stop=StopRule(
-            min_rounds=em["rounds"] + 1, num_refs=50, re_tessellations=10, permutations=299
+            min_rounds=em["rounds"] + 1, num_refs=50, re_tessellations=10, permutations=499
         ),
         run_dir=root / sampler / "em",
         seed=cfg["seed"],

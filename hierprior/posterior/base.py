@@ -48,6 +48,7 @@ References:
 from __future__ import annotations
 
 import inspect
+import json
 import math
 
 import torch
@@ -395,7 +396,8 @@ class PosteriorMethod:
         return type(self) is type(other) and self.options() == other.options()
 
     def __hash__(self) -> int:
-        return hash((type(self), tuple(self.options().items())))
+        # options are plain JSON values (a nested mapping for a joint method's source)
+        return hash((type(self), json.dumps(self.options(), sort_keys=True)))
 
     # ------------------------------------------------------------------ sampling
     def check(self, prior: Denoiser, forward: ForwardModel) -> None:

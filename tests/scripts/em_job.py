@@ -37,8 +37,8 @@ def main() -> None:
         write = SampleBank.write
         calls = {"n": 0}
 
-        def write_then_die(self, indices, samples):
-            out = write(self, indices, samples)
+        def write_then_die(self, indices, samples, params=None):
+            out = write(self, indices, samples, params)
             if self.path.parent.name == "round_002":
                 calls["n"] += 1
                 if calls["n"] == 2:
