@@ -39,8 +39,10 @@ PROBLEMS = {  # name: (mean offset in population sds, covariance factor)
 }
 
 
-def problem(seed: int, offset: float, factor: float, n: int, d: int = 4, m: int = 2):
-    g = torch.Generator().manual_seed(1000 + seed)
+def gaussian_population(seed: int, n: int, d: int, m: int = 2, stream: int = 1000):
+    """x ~ N(mean, cov) in D = d (a random SPD cov and mean from seed ``stream + seed``), n
+    observations through random rank-m views y = A x + 0.1 eps: (population, mean, cov)."""
+    g = torch.Generator().manual_seed(stream + seed)
     a = torch.randn(d, d, generator=g, dtype=torch.float64)
     cov = a @ a.T / d + 0.2 * torch.eye(d, dtype=torch.float64)
     mean = torch.randn(d, generator=g, dtype=torch.float64)
@@ -48,6 +50,11 @@ def problem(seed: int, offset: float, factor: float, n: int, d: int = 4, m: int 
         GaussianSignals(mean, cov), RandomProjection(m, dtype="float64"), GaussianNoise(0.1),
         num_obs=n, seed=seed,
     )  # fmt: skip
+    return population, mean, cov
+
+
+def problem(seed: int, offset: float, factor: float, n: int, d: int = 4, m: int = 2):
+    population, mean, cov = gaussian_population(seed, n, d, m)
     prior = GaussianPrior(mean + offset * cov.diagonal().sqrt(), factor * cov)
     return population, prior
 

@@ -24,23 +24,15 @@ import tempfile
 import time
 
 import torch
+from calibrate import gaussian_population  # this folder's: python experiments/stop_rule/...
 
 from hierprior.diffusion import GaussianPrior
 from hierprior.em import EStep, GaussianMStep, Monitor, StopRule, run_em
 from hierprior.em.stop import LONG_TESTS, STOP_TESTS
-from hierprior.physics import GaussianNoise
-from hierprior.populations import GaussianSignals, RandomProjection, simulate_population
 
 
 def problem(seed: int, n: int, d: int = 5, m: int = 2):
-    g = torch.Generator().manual_seed(2000 + seed)
-    a = torch.randn(d, d, generator=g, dtype=torch.float64)
-    cov = a @ a.T / d + 0.2 * torch.eye(d, dtype=torch.float64)
-    mean = torch.randn(d, generator=g, dtype=torch.float64)
-    population = simulate_population(
-        GaussianSignals(mean, cov), RandomProjection(m, dtype="float64"), GaussianNoise(0.1),
-        num_obs=n, seed=seed,
-    )  # fmt: skip
+    population, _, cov = gaussian_population(seed, n, d, m, stream=2000)
     prior = GaussianPrior(torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64))
     return population, prior, cov
 
