@@ -50,6 +50,13 @@ def test_mass_map_experiment_runs_one_shrunk_round(experiment, tmp_path):
         "truth_chi2",
         "kappa_corr",
         "power_log_ratio",
+        "noise_prior",  # the fidelity report: structure, oracle, noise
+        "peaks_per_map",
+        "multipole_m3",
+        "truths_peaks_per_map",
+        "oracle_peaks_per_map",
+        "fidelity",
+        "fidelity_peaks_per_map",
     ):
         assert rows[1].get(key, "") != "", key
     assert float(rows[1]["analytic_chi2_nu"]) > 1.0
