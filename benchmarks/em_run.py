@@ -38,7 +38,7 @@ COMMON = [
     "em.stop.num_refs=8",
     "em.stop.re_tessellations=5",
     "em.stop.level=0.2",
-    "em.stop.permutations=20",
+    "em.stop.permutations=25",  # 5 tests at level 0.2 (with the long-lag tests)
 ]
 
 #: CUDA: the real network and batch sizes, few steps
