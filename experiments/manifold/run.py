@@ -46,6 +46,8 @@ from hierprior.posterior import exact_gaussian_posterior
 from hierprior.seeds import derived_generator
 
 HERE = Path(__file__).resolve().parent
+#: the stop rule's min_rounds: beyond any run's rounds (it is measured, never fires)
+NEVER_STOP = 1_000_000
 log = logging.getLogger("manifold")
 
 #: the per-round columns of the tables
@@ -187,9 +189,10 @@ def run(cfg: dict, sampler: str, root: Path) -> dict:
             permutations=mon["permutations"],
             posterior_evaluators=[evaluator],
         ),
-        # DiEM runs a fixed number of rounds: the rule is measured (stop_pvalue), never fires
+        # DiEM runs a fixed number of rounds: the rule is measured (stop_pvalue), never fires;
+        # its options do not depend on ``rounds``, so a rerun with more rounds continues the run
         stop=StopRule(
-            min_rounds=em["rounds"] + 1, num_refs=50, re_tessellations=10, permutations=499
+            min_rounds=NEVER_STOP, num_refs=50, re_tessellations=10, permutations=499
         ),
         run_dir=root / sampler / "em",
         seed=cfg["seed"],
@@ -359,8 +362,15 @@ def main(argv=None) -> None:
         "--oracle", action="store_true", help="the network trained on the truths (yardstick)"
     )
     parser.add_argument("--figures", default=str(HERE), help="where --report writes figures")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="overrides em.rounds (more rounds continue a run)"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    if args.rounds is not None:
+        if args.rounds < 1:
+            parser.error(f"--rounds must be >= 1, got {args.rounds}")
+        cfg["em"]["rounds"] = args.rounds
     if args.sampler not in cfg["samplers"]:
         parser.error(f"unknown sampler {args.sampler!r}; the config has {list(cfg['samplers'])}")
     root = Path(args.root or Path("runs/manifold") / Path(args.config).stem)
