@@ -191,9 +191,7 @@ def run(cfg: dict, sampler: str, root: Path) -> dict:
         ),
         # DiEM runs a fixed number of rounds: the rule is measured (stop_pvalue), never fires;
         # its options do not depend on ``rounds``, so a rerun with more rounds continues the run
-        stop=StopRule(
-            min_rounds=NEVER_STOP, num_refs=50, re_tessellations=10, permutations=499
-        ),
+        stop=StopRule(min_rounds=NEVER_STOP, num_refs=50, re_tessellations=10, permutations=499),
         run_dir=root / sampler / "em",
         seed=cfg["seed"],
         rounds=em["rounds"],
