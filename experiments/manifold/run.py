@@ -13,6 +13,7 @@ samples and of the bank (the aggregate posterior, DiEM's quantity) to held-out t
     python experiments/manifold/run.py --sampler pigdm
     python experiments/manifold/run.py --sampler mmps --config experiments/manifold/paper.yaml
     python experiments/manifold/run.py --oracle        # the network trained on the truths
+    python experiments/manifold/run.py --sampler mmps --rounds 20    # continues a 10-round run
     python experiments/manifold/run.py --report                      # tables and figures
 
 Every run of one configuration shares ``<root>/initial/`` (the Gaussian fit and the round-0
@@ -316,7 +317,7 @@ def plot_scatter(run_dir: Path, reference: torch.Tensor, path: Path, title: str)
             ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
