@@ -6,8 +6,9 @@
 - the closed-form Gaussian EM of run.py recovers a Gaussian population's moments from rank-2
   views;
 - SinkhornEvaluator: its columns, the floor, and the order truth < Gaussian fit;
-- run.py: one tiny EM round with each E-step method writes the Sinkhorn columns; the paper-size
-  config builds the same pieces (not run: it is GPU-sized).
+- run.py: one tiny EM round with each E-step method writes the Sinkhorn columns; a rerun with
+  more rounds continues the run; ``--rounds`` is checked; the paper-size config builds the same
+  pieces (not run: it is GPU-sized).
 """
 
 from __future__ import annotations
@@ -163,6 +164,19 @@ def test_one_tiny_round(tmp_path, sampler):
         run.report(cfg, tmp_path, tmp_path / "figures")
         assert (tmp_path / "figures" / "divergence.png").exists()
         assert (tmp_path / "figures" / "scatter_mmps.png").exists()
+        # more rounds continue the run (the stop rule's options do not depend on rounds)
+        cfg["em"]["rounds"] = 2
+        run.run(cfg, sampler, tmp_path)
+        longer = run.read_metrics(tmp_path / sampler / "em")
+        assert [r["round"] for r in longer] == [0, 1, 2]
+        assert longer[:2] == rows
+
+
+def test_rounds_option_is_checked(capsys):
+    run = load_run_module()
+    with pytest.raises(SystemExit):
+        run.main(["--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err
 
 
 def test_initial_prior_is_cached_per_config(tmp_path):

@@ -13,6 +13,7 @@ samples and of the bank (the aggregate posterior, DiEM's quantity) to held-out t
     python experiments/manifold/run.py --sampler pigdm
     python experiments/manifold/run.py --sampler mmps --config experiments/manifold/paper.yaml
     python experiments/manifold/run.py --oracle        # the network trained on the truths
+    python experiments/manifold/run.py --sampler mmps --rounds 20    # continues a 10-round run
     python experiments/manifold/run.py --report                      # tables and figures
 
 Every run of one configuration shares ``<root>/initial/`` (the Gaussian fit and the round-0
@@ -46,6 +47,8 @@ from hierprior.posterior import exact_gaussian_posterior
 from hierprior.seeds import derived_generator
 
 HERE = Path(__file__).resolve().parent
+#: the stop rule's min_rounds: beyond any run's rounds (it is measured, never fires)
+NEVER_STOP = 1_000_000
 log = logging.getLogger("manifold")
 
 #: the per-round columns of the tables
@@ -187,10 +190,9 @@ def run(cfg: dict, sampler: str, root: Path) -> dict:
             permutations=mon["permutations"],
             posterior_evaluators=[evaluator],
         ),
-        # DiEM runs a fixed number of rounds: the rule is measured (stop_pvalue), never fires
-        stop=StopRule(
-            min_rounds=em["rounds"] + 1, num_refs=50, re_tessellations=10, permutations=499
-        ),
+        # DiEM runs a fixed number of rounds: the rule is measured (stop_pvalue), never fires;
+        # its options do not depend on ``rounds``, so a rerun with more rounds continues the run
+        stop=StopRule(min_rounds=NEVER_STOP, num_refs=50, re_tessellations=10, permutations=499),
         run_dir=root / sampler / "em",
         seed=cfg["seed"],
         rounds=em["rounds"],
@@ -315,7 +317,7 @@ def plot_scatter(run_dir: Path, reference: torch.Tensor, path: Path, title: str)
             ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -359,8 +361,15 @@ def main(argv=None) -> None:
         "--oracle", action="store_true", help="the network trained on the truths (yardstick)"
     )
     parser.add_argument("--figures", default=str(HERE), help="where --report writes figures")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="overrides em.rounds (more rounds continue a run)"
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config)
+    if args.rounds is not None:
+        if args.rounds < 1:
+            parser.error(f"--rounds must be >= 1, got {args.rounds}")
+        cfg["em"]["rounds"] = args.rounds
     if args.sampler not in cfg["samplers"]:
         parser.error(f"unknown sampler {args.sampler!r}; the config has {list(cfg['samplers'])}")
     root = Path(args.root or Path("runs/manifold") / Path(args.config).stem)
