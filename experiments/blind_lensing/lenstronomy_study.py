@@ -61,6 +61,16 @@ def hierprior_fit(pop, prior_path: str, samples: int, seed: int, source_variance
             "steps": 64,
             "source": {"method": "daps", "iterations": 10},
             "source_variance": source_variance,
+            # blind_lens_tiny's: chains start at the back-projection lens search, lens steps
+            # once the source has formed (from the prior: trapped, residual chi2/nu ~ 8)
+            "init": "search",
+            "search_draws": 96,
+            "search_steps": 30,
+            "lens_below": 0.1,
+            "lens_steps": 2,
+            "precondition_every": 16,
+            "final_warmup": 20,
+            "final_steps": 40,
         }
     )
     start = time.perf_counter()
