@@ -46,6 +46,15 @@ refreshed every ``precondition_every`` lens steps. A MALA proposal is
 rejected; a current state whose density is not finite, or non-finite lens parameters, stop
 the run with one line naming the observation.
 
+**Where the chains start, and when the lens moves.** At high signal to noise the two blocks
+are strongly coupled and a (source, lens) pair formed together is a local mode the Gibbs
+sampler does not leave: chains drawn from the lens prior (``init="prior"``) end far from the
+main mode, and even chains started at the true lens are dragged off it by lens steps taken
+while :math:`\hat x_t` is still the prior's blur (``experiments/blind_lensing/README.md``).
+``init="search"`` starts every chain of an observation at :func:`lens_search`'s source-free
+estimate (the minimum of the back-projection misfit), and ``lens_below`` holds the lens until
+:math:`\sigma_t/\alpha_t` falls below it, when the source has formed.
+
 :func:`lens_posterior` runs the same chains at a fixed, known source (the exact conditional
 :math:`p(\eta \mid x, y)`, many samples per chain): the known-source check against emcee.
 
