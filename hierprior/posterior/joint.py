@@ -71,6 +71,8 @@ References:
     arXiv 2511.04792.
     Roberts & Tweedie (1996), Exponential convergence of Langevin distributions and their
     discrete approximations, Bernoulli 2(4) (MALA).
+    Warren & Dye (2003), Semilinear Gravitational Lens Inversion, ApJ 590, 673 (sources
+    from the image by the lens's adjoint; the source-free lens search).
     Girolami & Calderhead (2011), Riemann manifold Langevin and Hamiltonian Monte Carlo
     methods, JRSS B 73 (preconditioning by the Fisher metric).
 """
