@@ -471,7 +471,7 @@ def lens_search(
                 ).reshape(shape)
                 for a in (num, den)
             )
-        x_bar = num / den.clamp_min(1e-6 * float(den.max()))
+        x_bar = num / den.clamp_min(1e-6 * float(den.detach().max()))
         res = yb - forward.image(eta, x_bar)
         return 0.5 * (res * res * pb).flatten(2).sum(-1) - log_prior
 
