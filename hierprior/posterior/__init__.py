@@ -43,6 +43,7 @@ from hierprior.posterior.joint import (
     LensChains,
     LensLikelihood,
     lens_posterior,
+    lens_search,
 )
 from hierprior.posterior.linalg import conjugate_gradient, gmres, solve
 from hierprior.posterior.mmps import MMPS, MMPSDenoiser
@@ -84,6 +85,7 @@ __all__ = [
     "gmres",
     "noise_covariance",
     "lens_posterior",
+    "lens_search",
     "posterior_method",
     "register_method",
     "sample_posterior",

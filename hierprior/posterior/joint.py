@@ -46,6 +46,15 @@ refreshed every ``precondition_every`` lens steps. A MALA proposal is
 rejected; a current state whose density is not finite, or non-finite lens parameters, stop
 the run with one line naming the observation.
 
+**Where the chains start, and when the lens moves.** At high signal to noise the two blocks
+are strongly coupled and a (source, lens) pair formed together is a local mode the Gibbs
+sampler does not leave: chains drawn from the lens prior (``init="prior"``) end far from the
+main mode, and even chains started at the true lens are dragged off it by lens steps taken
+while :math:`\hat x_t` is still the prior's blur (``experiments/blind_lensing/README.md``).
+``init="search"`` starts every chain of an observation at :func:`lens_search`'s source-free
+estimate (the minimum of the back-projection misfit), and ``lens_below`` holds the lens until
+:math:`\sigma_t/\alpha_t` falls below it, when the source has formed.
+
 :func:`lens_posterior` runs the same chains at a fixed, known source (the exact conditional
 :math:`p(\eta \mid x, y)`, many samples per chain): the known-source check against emcee.
 
@@ -62,6 +71,8 @@ References:
     arXiv 2511.04792.
     Roberts & Tweedie (1996), Exponential convergence of Langevin distributions and their
     discrete approximations, Bernoulli 2(4) (MALA).
+    Warren & Dye (2003), Semilinear Gravitational Lens Inversion, ApJ 590, 673 (sources
+    from the image by the lens's adjoint; the source-free lens search).
     Girolami & Calderhead (2011), Riemann manifold Langevin and Hamiltonian Monte Carlo
     methods, JRSS B 73 (preconditioning by the Fisher metric).
 """
@@ -72,9 +83,10 @@ import math
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from hierprior.checks import check_float, check_int
+from hierprior.checks import check_choice, check_float, check_int
 from hierprior.diffusion.denoiser import Denoiser, expand_time
 from hierprior.io import device_dtype
 from hierprior.physics import ForwardModel, GaussianNoise, NoiseModel
@@ -88,7 +100,14 @@ from hierprior.posterior.base import (
     register_method,
 )
 
-__all__ = ["Joint", "LensChains", "LensLikelihood", "lens_posterior", "JOINT_SOURCES"]
+__all__ = [
+    "Joint",
+    "LensChains",
+    "LensLikelihood",
+    "lens_posterior",
+    "lens_search",
+    "JOINT_SOURCES",
+]
 
 #: the linear-lens posterior methods that can make the source step
 JOINT_SOURCES = ("mmps", "pigdm", "cla", "daps")
@@ -387,6 +406,105 @@ def _initial_lenses(
     return eta.contiguous()
 
 
+def lens_search(
+    forward: BlindLensing,
+    noise: GaussianNoise,
+    y: Tensor,
+    draws: int = 128,
+    steps: int = 40,
+    lr: float = 0.05,
+    pool: int = 1,
+    generator: torch.Generator | None = None,
+    chunk: int = 4096,
+) -> Tensor:
+    r"""A point estimate of every observation's lens without its source: the minimum of the
+    back-projection misfit (Warren & Dye 2003's source-plane consistency), run before the joint
+    sampler so that its chains start in the main mode of the lens posterior.
+
+    For a lens :math:`\eta`, the source that each source pixel's rays see on average,
+    :math:`\bar x(\eta) = A^\top \Sigma_y^{-1} y \,/\, A^\top \Sigma_y^{-1} 1`, is
+    lensed back; the misfit :math:`\tfrac12 \lVert y - A(\eta)\, \bar x(\eta)
+    \rVert^2_{\Sigma_y^{-1}} - \log p(z)` (z the prior's unconstrained coordinates, with
+    the log-Jacobian) is small only where the multiple images of every source point agree,
+    i.e. near the true lens, whatever the source. ``draws`` lenses from the prior are scored
+    and the best one per observation is refined by ``steps`` Adam steps on z (gradients
+    through both renders).
+
+    Arguments:
+        forward: the :class:`~hierprior.physics.lensing.BlindLensing`.
+        noise: the Gaussian noise model.
+        y: the observations (N, *obs).
+        draws: prior draws scored per observation.
+        steps: Adam steps from the best draw (0: none).
+        lr: Adam's learning rate (in z).
+        generator: the source of randomness (the prior draws).
+        chunk: (observation, draw) rows per batch of the scoring.
+
+    Returns:
+        Lens parameters (N, d) inside the prior's support.
+    """
+    draws = check_int(draws, "draws")
+    steps = check_int(steps, "steps", 0)
+    prior = forward.prior
+    n = y.shape[0]
+    var = noise.std(y) ** 2  # (n, *obs)
+
+    def misfit(z: Tensor, rows: Tensor) -> Tensor:  # z (b, r, k) -> (b, r)
+        eta, log_prior = prior.log_prob_unconstrained(z)
+        b, r = eta.shape[:2]
+        yb, pb = y[rows].unsqueeze(1), (1.0 / var[rows]).unsqueeze(1)
+        with torch.enable_grad():
+            x0 = torch.zeros(b, r, *forward.input_shape, dtype=y.dtype, device=y.device)
+            x0.requires_grad_(True)
+            img = forward.image(eta, x0)
+            create = z.requires_grad
+            (num,) = torch.autograd.grad(
+                (img * yb * pb).sum(), x0, retain_graph=True, create_graph=create
+            )
+            (den,) = torch.autograd.grad((img * pb).sum(), x0, create_graph=create)
+        if pool > 1:  # coarser source cells: more rays per cell, a smoother misfit
+            shape = num.shape
+            cells = forward.geometry.input_shape
+            num, den = (
+                F.interpolate(
+                    F.avg_pool2d(a.reshape(-1, *cells), pool), scale_factor=pool, mode="nearest"
+                ).reshape(shape)
+                for a in (num, den)
+            )
+        x_bar = num / den.clamp_min(1e-6 * float(den.detach().max()))
+        res = yb - forward.image(eta, x_bar)
+        return 0.5 * (res * res * pb).flatten(2).sum(-1) - log_prior
+
+    u = torch.rand((n * draws, prior.columns), generator=generator, dtype=torch.float64)
+    eta = prior.from_uniform(u.to(y.device)).to(y.dtype).reshape(n, draws, prior.dim)
+    z = prior.to_unconstrained(eta)
+    best_z, per = [], max(1, chunk // draws)
+    for start in range(0, n, per):
+        rows = torch.arange(start, min(start + per, n), device=y.device)
+        with torch.no_grad():
+            score = misfit(z[rows], rows)
+        score = torch.where(torch.isfinite(score), score, torch.full_like(score, math.inf))
+        best_z.append(z[rows, score.argmin(1)])
+    z = torch.cat(best_z).unsqueeze(1).detach()  # (n, 1, k)
+    if steps:
+        rows = torch.arange(n, device=y.device)
+        zz = z.clone().requires_grad_(True)
+        opt = torch.optim.Adam([zz], lr=lr)
+        best, best_val = z.clone(), torch.full((n, 1), math.inf, dtype=y.dtype, device=y.device)
+        for _ in range(steps + 1):
+            with torch.enable_grad():
+                val = misfit(zz, rows)
+                ok = torch.isfinite(val) & torch.isfinite(zz).all(-1)
+                better = ok & (val.detach() < best_val)
+                best = torch.where(better.unsqueeze(-1), zz.detach(), best)
+                best_val = torch.where(better, val.detach(), best_val)
+                opt.zero_grad()
+                torch.where(ok, val, torch.zeros_like(val)).sum().backward()
+            opt.step()
+        z = best
+    return prior.from_unconstrained(z)[0].squeeze(1).detach()
+
+
 def lens_posterior(
     forward: BlindLensing,
     noise: GaussianNoise,
@@ -533,6 +651,14 @@ class Joint(PosteriorMethod):
         precondition_every: lens steps between refreshes of the preconditioner (0: never,
             identity).
         step_size: the initial MALA step size (whitened units).
+        lens_below: lens steps only at the diffusion times whose noise ratio
+            :math:`s_t = \sigma_t / \alpha_t` is at most this (None: at every time): the lens
+            stays at its start while the source is still a blur (whose best lens is not the
+            true one) and moves once the source has formed; pair it with ``init="search"``.
+        init: where the lens chains start: ``"prior"`` (drawn from the lens prior) or
+            ``"search"`` (every chain of an observation at :func:`lens_search`'s estimate,
+            ``search_draws`` prior draws scored, ``search_steps`` Adam steps); an explicit
+            ``eta_init`` of :meth:`sample_joint` overrides it.
         spacing: the time grid, ``"edm"``, ``"uniform"`` or ``"logsnr"`` (None: ``"edm"``).
         batch_size: observations per chunk, or None.
 
@@ -556,6 +682,10 @@ class Joint(PosteriorMethod):
         widening: float = 0.1,
         precondition_every: int = 12,
         step_size: float = 1.0,
+        lens_below: float | None = None,
+        init: str = "prior",
+        search_draws: int = 128,
+        search_steps: int = 40,
         spacing: str | None = None,
         batch_size: int | None = None,
     ):
@@ -587,6 +717,12 @@ class Joint(PosteriorMethod):
         self.widening = check_float(widening, "widening", 0.0)
         self.precondition_every = check_int(precondition_every, "precondition_every", 0)
         self.step_size = check_float(step_size, "step_size", 0.0, strict=True)
+        self.lens_below = (
+            None if lens_below is None else check_float(lens_below, "lens_below", 0.0, strict=True)
+        )
+        self.init = check_choice(init, "init", ("prior", "search"))
+        self.search_draws = check_int(search_draws, "search_draws")
+        self.search_steps = check_int(search_steps, "search_steps", 0)
 
     # ------------------------------------------------------------------ checks
     def check(self, prior: Denoiser, forward: ForwardModel) -> None:
@@ -682,6 +818,15 @@ class Joint(PosteriorMethod):
         n, s = y.shape[0], num_samples
         event = tuple(prior.event_shape)
         state = self._initial(prior, (n, s, *event), x_init, generator, device, dtype)
+        if eta_init is None and self.init == "search":
+            eta_init = lens_search(
+                forward,
+                noise,
+                y.to(dtype),
+                self.search_draws,
+                self.search_steps,
+                generator=generator,
+            )
         eta0 = _initial_lenses(forward, n, s, eta_init, generator, dtype, device)
         timesteps = prior.schedule.timesteps(self.steps, spacing=self.spacing, device=device)
         chunk = self.batch_size or n
@@ -738,6 +883,10 @@ class Joint(PosteriorMethod):
         def lens_step(d: Tensor, t: Tensor) -> None:
             if self.lens_steps == 0:
                 return
+            if self.lens_below is not None:
+                alpha, sigma = prior.schedule.alpha_sigma(t.double())
+                if bool((sigma / alpha > self.lens_below).all()):
+                    return
             x_hat = d.reshape(n, s, *event)
             w = self.widening_at(t.reshape(n, s), prior.schedule)
             chains.set_target(x_hat, w)
