@@ -207,8 +207,8 @@ def test_slic_on_the_bundled_sky_trains_and_scores(tmp_path):
         "data.n=512",
         f"run_dir={tmp_path}",
         "train.steps=20",
-        "train.warmup=5",
-        "train.ckpt_every=10",
+        "train.warmup_steps=5",
+        "train.checkpoint_every=10",
         "logger=none",
         "trainer.enable_progress_bar=false",
     ]

@@ -161,7 +161,7 @@ def train_slic(name: str, steps: int | None) -> Path:
         "trainer.enable_progress_bar=false",
     ]
     if steps is not None:
-        overrides += [f"train.steps={steps}", f"train.warmup={min(100, steps)}"]
+        overrides += [f"train.steps={steps}", f"train.warmup_steps={min(100, steps)}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="train_prior", overrides=overrides)
     return fit_prior(cfg).prior
