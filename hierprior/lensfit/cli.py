@@ -232,7 +232,9 @@ def initial_lens(forward, init=None):
     names = list(forward.names)
     for key, value in dict(init or {}).items():
         if key not in names:
-            raise ConfigError(f"lens.init: unknown lens parameter {key!r}; expected one of {names}")
+            raise ConfigError(
+                f"lens.init: unknown lens parameter {key!r}; expected one of {names}"
+            )
         eta[names.index(key)] = float(value)
     eta = torch.where(eta == 0, torch.full_like(eta, 1e-3), eta)
     try:
@@ -250,7 +252,6 @@ def run_from_config(cfg) -> Path:
 
     from hierprior.em.cli import check_sampler_section
     from hierprior.lensfit.report import write_report
-    from hierprior.physics.lensing import BlindLensing
     from hierprior.posterior import posterior_method
     from hierprior.posterior.joint import lens_posterior
     from hierprior.runs import hold_run_dir
@@ -339,7 +340,7 @@ def run_from_config(cfg) -> Path:
             },
             timings=timings,
             config=OmegaConf.to_container(cfg, resolve=True),
-            has_light=not type(forward) is BlindLensing,
+            has_light=getattr(forward, "light", None) is not None,
             max_lag=int(node.max_lag),
         )
     print(f"hierprior-lens: report in {run_dir}")
