@@ -221,6 +221,13 @@ def _source_prior(cfg, run_dir: Path):
     )
 
 
+def _check_event(event: tuple) -> int:
+    """n of a source prior on (1, n, n) images (a ConfigError otherwise)."""
+    if len(event) != 3 or event[0] != 1 or event[1] != event[2]:
+        raise ConfigError(f"the source prior must model (1, n, n) images; got {event}")
+    return int(event[1])
+
+
 def initial_lens(forward, init=None):
     """The chains' starting lens (d,), float32: the prior's median, with the values of ``init``
     (mapping name -> value) put in; a parameter exactly at 0 is moved to 1e-3 (the SIE's and the
@@ -263,15 +270,24 @@ def run_from_config(cfg) -> Path:
     if cfg.sampler.method != "joint":
         raise ConfigError(f"sampler must be joint (source and lens); got {cfg.sampler.method}")
     joint = posterior_method(OmegaConf.to_container(cfg.sampler, resolve=True))
-    if not cfg.get("source_prior"):
+    if cfg.get("source_prior"):
+        prior = _source_prior(cfg, Path(str(cfg.run_dir)))
+        source_size = _check_event(tuple(prior.event_shape))
+    else:
         check_train_config(cfg)
         source_size = int(cfg.data.resolution)
         try:
             build_denoiser(cfg, (1, source_size, source_size))
         except ValueError as err:
             raise ConfigError(f"prior: {err}") from err
-    else:
-        source_size = None
+    # the data, the model and the starting lens: every error here comes before any training
+    problem = build_problem(cfg, source_size)
+    forward, noise, y = problem.forward, problem.noise, problem.y
+    eta0 = initial_lens(forward, cfg.lens.get("init"))[None]
+    try:
+        joint.check_noise(noise, {})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sampler: {first_line(err)}") from err
     threads = cfg.train.get("num_threads")
     if threads:
         torch.set_num_threads(int(threads))
@@ -281,22 +297,17 @@ def run_from_config(cfg) -> Path:
         start = time.time()
         prior = _source_prior(cfg, run_dir)
         t_prior = time.time() - start
-        event = tuple(prior.event_shape)
-        if len(event) != 3 or event[0] != 1 or event[1] != event[2]:
-            raise ConfigError(f"the source prior must model (1, n, n) images; got {event}")
-        if source_size is not None and event[1] != source_size:
-            raise ConfigError(f"the source prior is {event[1]} px, data.resolution {source_size}")
-        problem = build_problem(cfg, event[1])
-        forward, noise, y = problem.forward, problem.noise, problem.y
+        if _check_event(tuple(prior.event_shape)) != source_size:
+            raise ConfigError(
+                f"the source prior is {prior.event_shape[1]} px, data.resolution {source_size}"
+            )
         try:
             joint.check(prior, forward)
-            joint.check_noise(noise, {})
         except (TypeError, ValueError) as err:
             raise ConfigError(f"sampler: {first_line(err)}") from err
         node = cfg.lens
         s = int(node.num_samples)
         gen = torch.Generator().manual_seed(int(cfg.seed))
-        eta0 = initial_lens(forward, node.get("init"))[None]
         start = time.time()
         x, eta, info = joint.sample_joint(
             prior, forward, noise, y, s, gen, eta_init=eta0, return_info=True
