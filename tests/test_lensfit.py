@@ -267,15 +267,34 @@ def test_command_end_to_end_on_a_bundled_lens_with_light(tmp_path):
         ("lens.noise=slic", "lens.noise"),
         ("lens.mask=[[0.0,0.0]]", "lens.mask[0]"),
         ("+lens.init.bogus=1.0", "lens.init: unknown lens parameter 'bogus'"),
-        ("lens.init.theta_E=5.0", "outside its prior"),
+        ("+lens.init.theta_E=5.0", "outside its prior"),
         ("~lens.light.prior.n_sersic", "missing: ['n_sersic']"),
         ("lens.num_samples=0", "lens.num_samples"),
+        ("lens.light.prior.R_sersic.low=-1.0", "lens.light.prior"),
     ],
 )
-def test_bad_inputs_fail_in_one_line_before_sampling(tmp_path, override, needle):
-    result = _lens(tmp_path, "experiment=slacs_j1430_tiny", "train.steps=1", override)
+def test_bad_inputs_fail_in_one_line_before_training(tmp_path, override, needle):
+    """Each bad value: a one-line ConfigError naming it, before any prior is trained."""
+    from hydra import compose, initialize_config_dir
+
+    from hierprior.config import CONF_DIR, ConfigError
+    from hierprior.lensfit.cli import run_from_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "lens",
+            overrides=["experiment=slacs_j1430_tiny", f"paths.root={tmp_path}", override],
+        )
+    with pytest.raises(ConfigError) as err:
+        run_from_config(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run directory
+
+
+def test_bad_input_is_one_line_on_stderr(tmp_path):
+    result = _lens(tmp_path, "experiment=slacs_j2303_tiny", "lens.psf_size=8")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("hierprior-lens: ") and needle in last, last
-    assert not (tmp_path / "root" / "runs" / "priors").exists()  # nothing trained
+    assert last.startswith("hierprior-lens: lens.psf_size must be odd"), last
+    assert not (tmp_path / "root").exists()
