@@ -150,6 +150,8 @@ def test_light_prior_and_grid_errors_are_one_line():
         LensLightPrior(_mass(), Sersic.parameter_names, missing)
     with pytest.raises(ValueError, match="unknown: \\['bogus'\\]"):
         LensLightPrior(_mass(), Sersic.parameter_names, {**LIGHT_PRIOR, "bogus": 1.0})
+    with pytest.raises(ValueError, match="e1 must lie in"):
+        LensLightPrior(_mass(), Sersic.parameter_names, {**LIGHT_PRIOR, "e1": Uniform(-1, 0.5)})
     with pytest.raises(ValueError, match="grid"):
         BlindLensingWithLight(
             _mass(), LensLight(Sersic(), 20, PIX), LIGHT_PRIOR, N_PIX, PIX, 16, 1.6
@@ -270,7 +272,7 @@ def test_command_end_to_end_on_a_bundled_lens_with_light(tmp_path):
         ("+lens.init.theta_E=5.0", "outside its prior"),
         ("~lens.light.prior.n_sersic", "missing: ['n_sersic']"),
         ("lens.num_samples=0", "lens.num_samples"),
-        ("lens.light.prior.R_sersic.low=-1.0", "lens.light.prior"),
+        ("lens.light.prior.R_sersic.low=-1.0", "R_sersic must be > 0"),
     ],
 )
 def test_bad_inputs_fail_in_one_line_before_training(tmp_path, override, needle):
@@ -297,4 +299,4 @@ def test_bad_input_is_one_line_on_stderr(tmp_path):
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("hierprior-lens: lens.psf_size must be odd"), last
-    assert not (tmp_path / "root").exists()
+    assert not (tmp_path / "root" / "runs" / "priors").exists()  # nothing trained

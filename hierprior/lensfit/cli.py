@@ -104,7 +104,7 @@ def _lens_priors(cfg):
     """(mass LensPrior, light profile or None, light prior mapping or None, light supersample)."""
     from omegaconf import OmegaConf
 
-    from hierprior.physics.lensing import LensPrior, LightProfile
+    from hierprior.physics.lensing import LensLightPrior, LensPrior, LightProfile
 
     mass = instantiate_checked(cfg.lens.mass, "lens.mass")
     if not isinstance(mass, LensPrior):
@@ -127,6 +127,10 @@ def _lens_priors(cfg):
             f"lens.light.prior needs one entry per parameter of the profile {names}; "
             + (f"unknown: {unknown}" if unknown else f"missing: {missing}")
         )
+    try:
+        LensLightPrior(mass, names, priors)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"lens.light.prior: {first_line(err)}") from err
     return mass, profile, priors, int(light.get("supersample", 1))
 
 
@@ -281,7 +285,10 @@ def run_from_config(cfg) -> Path:
         except ValueError as err:
             raise ConfigError(f"prior: {err}") from err
     # the data, the model and the starting lens: every error here comes before any training
-    problem = build_problem(cfg, source_size)
+    try:
+        problem = build_problem(cfg, source_size)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"lens: {first_line(err)}") from err
     forward, noise, y = problem.forward, problem.noise, problem.y
     eta0 = initial_lens(forward, cfg.lens.get("init"))[None]
     try:

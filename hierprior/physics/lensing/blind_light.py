@@ -38,6 +38,10 @@ from hierprior.physics.lensing.priors import LensPrior, _as_prior
 
 __all__ = ["BlindLensingWithLight", "LensLightPrior"]
 
+#: light parameters that must be > 0 (Sérsic radius and index) or inside (-1, 1) (ellipticity)
+_POSITIVE = ("R_sersic", "n_sersic")
+_UNIT = ("e1", "e2")
+
 
 class LensLightPrior(LensPrior):
     """The prior of (mass, light) parameters: a mass :class:`~hierprior.physics.lensing.
@@ -73,6 +77,12 @@ class LensLightPrior(LensPrior):
         self.mass_dim = mass.dim
         self.light_names = light_names
         self.light_priors = {n: _as_prior(light[n], n, "lens light") for n in light_names}
+        for n, prior in self.light_priors.items():
+            (low, high), name = prior.box()[0], f"the lens light's {n}"
+            if n in _POSITIVE and not low > 0:
+                raise ValueError(f"{name} must be > 0: its prior {prior!r} reaches {low}")
+            if n in _UNIT and not (-1 < low and high < 1):
+                raise ValueError(f"{name} must lie in (-1, 1): its prior is {prior!r}")
         entries = list(mass.entries)
         for j, n in enumerate(light_names):
             entries.append(([mass.dim + j], self.light_priors[n]))
