@@ -11,6 +11,9 @@ r"""Command-line entry points (console scripts declared in pyproject.toml).
   (n, *event_shape) (``.pt``). ``--key value`` works as well as ``key=value``.
 - ``hierprior-em [overrides]``: a hydra app on ``conf/em.yaml``, the EM loop of
   :mod:`hierprior.em.cli` (no argument: ``experiment=mnist_shift_tiny``).
+- ``hierprior-lens [overrides]``: a hydra app on ``conf/lens.yaml``, the joint posterior of
+  source, lens mass and lens light of a bundled real lens, and its report
+  (:mod:`hierprior.lensfit.cli`; no argument: ``experiment=slacs_j1430_tiny``).
 
 A sweep (``-m``) runs each job in ``<run_dir>/multirun/<its overrides>/`` (e.g.
 ``runs/em/mnist_shift_tiny/multirun/population.forward.missing_fraction=0.4``), so rerunning
@@ -30,7 +33,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["em", "job_run_dir", "sample", "sample_main", "train_prior"]
+__all__ = ["em", "job_run_dir", "lens", "sample", "sample_main", "train_prior"]
 
 
 def job_run_dir(cfg) -> None:
@@ -77,6 +80,24 @@ def em() -> None:
     from hierprior.config import run_app
 
     run_app("hierprior-em", "em", _em_task)
+
+
+def _lens_task(cfg) -> None:
+    from hierprior.lensfit.cli import check_lens_section
+
+    job_run_dir(cfg)
+    check_lens_section(cfg)  # one line naming the key, before any training or sampling
+    from hierprior.lensfit.cli import run_from_config
+
+    run_from_config(cfg)
+
+
+def lens() -> None:
+    """Console script ``hierprior-lens``: a hydra app on conf/lens.yaml (see
+    hierprior.lensfit.cli)."""
+    from hierprior.config import run_app
+
+    run_app("hierprior-lens", "lens", _lens_task)
 
 
 def _normalise_argv(argv: Sequence[str]) -> list[str]:

@@ -43,6 +43,7 @@ from scipy import ndimage
 
 from hierprior.data import SLACS_LENSES, load_slacs
 from hierprior.io import atomic_write_bytes, atomic_write_text
+from hierprior.lensfit.statistics import lens_derived, summary
 
 HERE = Path(__file__).resolve().parent
 N_MAX = {"slacs1430+4105": 8, "slacs2303+1422": 6}
@@ -163,32 +164,13 @@ def slacs_light(name: str) -> bool:
 
 def derived(samples: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     """theta_E, q, phi (deg, from +x counter-clockwise), PA_sky (assuming north = +y and east =
-    -x), gamma, phi_gamma, centre, from the sampled lenstronomy parameters."""
+    -x), gamma, phi_gamma, centre, from the sampled lenstronomy parameters
+    (:func:`hierprior.lensfit.statistics.lens_derived`)."""
     col = {n: samples[:, i] for i, n in enumerate(names)}
-    e1, e2 = col["e1_lens0"], col["e2_lens0"]
-    e = np.hypot(e1, e2)
-    phi = np.degrees(0.5 * np.arctan2(e2, e1))
-    g1, g2 = col["gamma1_lens1"], col["gamma2_lens1"]
-    return {
-        "theta_E": col["theta_E_lens0"],
-        "q": (1 - e) / (1 + e),
-        "phi": np.mod(phi, 180.0),
-        "PA_sky": np.mod(phi - 90.0, 180.0),
-        "gamma": np.hypot(g1, g2),
-        "phi_gamma": np.mod(np.degrees(0.5 * np.arctan2(g2, g1)), 180.0),
-        "center_x": col["center_x_lens0"],
-        "center_y": col["center_y_lens0"],
-    }
-
-
-def summary(values: np.ndarray, circular: bool = False) -> dict[str, float]:
-    if circular:  # an axis angle in [0, 180): centre the samples on their circular mean
-        mean = np.degrees(0.5 * np.angle(np.exp(2j * np.radians(values)).mean()))
-        values = mean + (values - mean + 90.0) % 180.0 - 90.0
-    lo, med, hi = np.percentile(values, [16, 50, 84])
-    if circular:
-        lo, med, hi = (float(v) % 180.0 for v in (lo, med, hi))
-    return {"median": float(med), "p16": float(lo), "p84": float(hi)}
+    keys = {"theta_E": "theta_E_lens0", "e1": "e1_lens0", "e2": "e2_lens0"}
+    keys.update(gamma1="gamma1_lens1", gamma2="gamma2_lens1")
+    keys.update(center_x="center_x_lens0", center_y="center_y_lens0")
+    return lens_derived({k: col[v] for k, v in keys.items()})
 
 
 def fit(name: str, args: argparse.Namespace) -> dict:

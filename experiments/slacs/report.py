@@ -33,65 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
-from hierprior.data import SLACS_LENSES, correlated_noise_from_sky, load_slacs
+from hierprior.data import SLACS_LENSES, load_slacs
 from hierprior.io import atomic_write_bytes, atomic_write_text, figure_bytes
-from hierprior.physics import CorrelatedNoise, noise_autocovariance, spectrum_from_autocovariance
+from hierprior.lensfit.statistics import ANNULUS, TABLE_ROWS, interval, residual_statistics
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ANNULUS = 0.1
-ROWS = [
-    ("theta_E", "θ_E [″]", "{:.4f}"),
-    ("q", "q", "{:.3f}"),
-    ("phi", "φ [°] (from +x)", "{:.1f}"),
-    ("PA_sky", "PA [°] (φ − 90)", "{:.1f}"),
-    ("gamma", "γ_ext", "{:.4f}"),
-    ("phi_gamma", "φ_γ [°]", "{:.1f}"),
-    ("center_x", "x_c [″]", "{:+.4f}"),
-    ("center_y", "y_c [″]", "{:+.4f}"),
-]
-
-
-def held_out_sky_whitened(data, max_lag: int = 2) -> np.ndarray:
-    """z of the held-out sky patches under the image's correlated model (one periodic
-    CorrelatedNoise per patch grid, same autocovariance and relative scale)."""
-    sky = data.sky
-    level = sky.noise_level(False)
-    acf = noise_autocovariance(sky.relative_residuals(held_out=False), max_lag=max_lag)
-    r = sky.residuals(held_out=True)
-    w = sky.noise_map[sky.held_out] / level
-    model = CorrelatedNoise(
-        spectrum_from_autocovariance(acf, r.shape[-2:]), w, obs_shape=r.shape[-2:]
-    )
-    return model.whiten(r).flatten().numpy()
-
-
-def arc_mask(source: np.ndarray, sigma: np.ndarray, radius: np.ndarray, theta_e: float):
-    """The lensed-light mask: the model's lensed source >= 3 sigma_map, dilated by 2 px, within
-    0.5-2 theta_E of the lens centre (inside, the lens light's cusp dominates)."""
-    from scipy import ndimage
-
-    bright = ndimage.binary_dilation(source >= 3 * sigma, iterations=2)
-    return bright & (radius >= 0.5 * theta_e) & (radius <= 2 * theta_e)
-
-
-def annuli(values: np.ndarray, radius: np.ndarray, inside: np.ndarray) -> list[dict]:
-    rows = []
-    for k in range(int(radius[inside].max() / ANNULUS) + 1):
-        sel = inside & (radius >= k * ANNULUS) & (radius < (k + 1) * ANNULUS)
-        if sel.sum() >= 10:
-            v = values[sel]
-            rows.append(
-                {
-                    "r_in": round(k * ANNULUS, 2),
-                    "pixels": int(sel.sum()),
-                    "mean": float(v.mean()),
-                    "sem": float(v.std() / np.sqrt(sel.sum())),
-                }
-            )
-    return rows
+ROWS = TABLE_ROWS
 
 
 def analyse(name: str) -> dict:
@@ -99,18 +48,16 @@ def analyse(name: str) -> dict:
     arrays = np.load(RESULTS / f"lenstronomy_{name}_model.npz")
     keep = arrays["likelihood_mask"].astype(bool)
     data = load_slacs(name, mask=~keep)
-    image, sigma = data.image.numpy(), data.noise_map.numpy()
-    resid = np.where(keep, image - arrays["model"], 0.0)
-    noise = correlated_noise_from_sky(data, max_lag=2)
-    z = noise.whiten(torch.from_numpy(resid)[None]).numpy()[0]
-    white = np.where(keep, resid / sigma, 0.0)
-    nu = fit["nu"]
-    chi2_corr = float((z**2).sum())
-    x, y = (g.numpy() for g in data.grid())
+    image = data.image.numpy()
     cx, cy = fit["table"]["center_x"]["median"], fit["table"]["center_y"]["median"]
-    radius = np.hypot(x - cx, y - cy)
-    arcs = arc_mask(arrays["source"], sigma, radius, fit["table"]["theta_E"]["median"]) & keep
-    sky_z = held_out_sky_whitened(data)
+    res = residual_statistics(
+        data,
+        arrays["model"],
+        arrays["source"],
+        (cx, cy),
+        fit["table"]["theta_E"]["median"],
+        fit["nu"],
+    )
     light_check = None
     kll = fit["best_fit"].get("kwargs_lens_light") or []
     if kll:  # hierprior's LensLight renders lenstronomy's best-fit lens light
@@ -123,27 +70,17 @@ def analyse(name: str) -> dict:
         ours = ours * data.pixel_scale**2  # mean surface brightness -> flux per pixel
         ref = arrays["lens_light"].astype(np.float64)  # stored as float32
         light_check = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    ks = stats.ks_2samp(z[arcs], sky_z)
+    images = res.pop("images")
     return {
         "fit": fit,
-        "chi2_nu_white": float((white[keep] ** 2).sum()) / nu,
-        "chi2_nu_correlated": chi2_corr / nu,
-        "nu": nu,
-        "arc_pixels": int(arcs.sum()),
-        "annuli_white": annuli(white, radius, arcs),
-        "annuli_correlated": annuli(z, radius, arcs),
-        "ks_arcs_vs_sky": {"statistic": float(ks.statistic), "p": float(ks.pvalue)},
-        "arc_z_sd": float(z[arcs].std()),
+        **res,
         "hierprior_lens_light_max_rel_diff": light_check,
         "images": {
             "data": image,
             "model": arrays["model"],
             "source": arrays["source"],
             "lens_light": arrays["lens_light"],
-            "white": white,
-            "z": np.where(keep, z, np.nan),
-            "arcs": arcs,
-            "keep": keep,
+            **images,
         },
     }
 
@@ -203,11 +140,6 @@ def figure(name: str, res: dict) -> bytes:
         fig.tight_layout()
 
     return figure_bytes(draw, (16, 8), dpi=60)
-
-
-def interval(stat: dict, fmt: str) -> str:
-    m, lo, hi = stat["median"], stat["p16"], stat["p84"]
-    return f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
 def markdown(all_res: dict) -> str:

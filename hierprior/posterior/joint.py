@@ -120,28 +120,66 @@ TARGET_ACCEPT = 0.574
 
 
 class LensLikelihood:
-    r""":math:`\log \mathcal N(y \mid A(\eta)\, \hat x, \Sigma_y + w I)` up to a constant
-    that does not depend on :math:`\eta`, for N observations and S lenses each.
+    r""":math:`\log \mathcal N(y \mid A(\eta)\, \hat x + L(\eta), \Sigma_y + w I)` up to a
+    constant that does not depend on :math:`\eta`, for N observations and S lenses each.
 
     Arguments:
-        forward: the :class:`~hierprior.physics.lensing.BlindLensing`.
-        noise: the Gaussian noise model.
+        forward: the :class:`~hierprior.physics.lensing.BlindLensing` (or a
+            :class:`~hierprior.physics.lensing.BlindLensingWithLight`: then the model adds the
+            lens light :math:`L(\eta)`, its amplitudes solved by weighted least squares against
+            :math:`y - A(\eta)\hat x` at every evaluation, the profile likelihood).
+        noise: the Gaussian noise model: diagonal (``noise.diagonal``: per-pixel variances) or
+            any Gaussian model with ``whiten`` (e.g. :class:`~hierprior.physics.
+            CorrelatedNoise`), whose quadratic form is :math:`\|\mathrm{whiten}(r)\|^2 =
+            r^\top \Sigma_y^{-1} r`. For such a model the widened covariance
+            :math:`\Sigma_y + w I` is taken as :math:`(1 + w / \bar v)\, \Sigma_y` (
+            :math:`\bar v` the mean per-pixel variance): exact at w = 0 (t = 0, the final
+            phase), an approximation of the same size along the diffusion.
         y: the observations (N, *obs).
     """
 
     def __init__(self, forward: BlindLensing, noise: GaussianNoise, y: Tensor):
         self.forward = forward
         self.y = y
-        self.var = noise.std(y) ** 2
+        self.noise = noise
+        self.diagonal = bool(getattr(noise, "diagonal", False))
+        self.light = getattr(forward, "light", None)
+        if self.diagonal:
+            self.var = noise.std(y) ** 2
+        else:
+            self.var = None
+            self.mean_var = float((noise.std(y) ** 2).double().mean())
+
+    def model(self, eta: Tensor, x_hat: Tensor) -> Tensor:
+        """A(eta) x_hat (+ the lens light at eta, amplitudes solved), (N, S, *obs), for eta
+        (N, S, d) and x_hat (N, S, *event)."""
+        image = self.forward.image(eta, x_hat)
+        if self.light is None:
+            return image
+        return image + self.forward.light_image(eta, self.y.unsqueeze(1) - image, self.noise)
 
     def residual(self, eta: Tensor, x_hat: Tensor) -> Tensor:
-        """y - A(eta) x_hat, (N, S, *obs), for eta (N, S, d) and x_hat (N, S, *event)."""
-        return self.y.unsqueeze(1) - self.forward.image(eta, x_hat)
+        """y - A(eta) x_hat (- L(eta)), (N, S, *obs), for eta (N, S, d) and x_hat
+        (N, S, *event)."""
+        return self.y.unsqueeze(1) - self.model(eta, x_hat)
+
+    def _whiten(self, r: Tensor) -> Tensor:
+        """whiten(r) for r (N, S', *obs) (any S'), float64."""
+        return self.noise.whiten(r.double())
+
+    def _scale(self, w: Tensor | float) -> Tensor | float:
+        """1 + w / v̄ (the non-diagonal widening): (N, S) float64 for w (N, S), else a float."""
+        if isinstance(w, Tensor):
+            return 1.0 + w.double() / self.mean_var
+        return 1.0 + float(w) / self.mean_var
 
     def __call__(self, eta: Tensor, x_hat: Tensor, w: Tensor | float = 0.0) -> Tensor:
         """The log-likelihood (N, S) (float64) at lenses eta (N, S, d), sources x_hat
         (N, S, *event) and widening w (N, S) or a float."""
         r = self.residual(eta, x_hat).double()
+        if not self.diagonal:
+            z = self._whiten(r)
+            return -0.5 * (z * z).flatten(2).sum(-1) / self._scale(w)
         var = self.var.unsqueeze(1).double()
         if isinstance(w, Tensor):
             var = var + w.double().reshape(*w.shape, *([1] * (r.dim() - 2)))
@@ -150,13 +188,25 @@ class LensLikelihood:
         return -0.5 * (r * r / var).flatten(2).sum(-1)
 
     def precision(self, w: Tensor | float, like: Tensor) -> Tensor:
-        """(Σ_y + w)^-1 per pixel, (N, S, M), float64."""
+        """(Σ_y + w)^-1 per pixel, (N, S, M), float64 (diagonal noise only)."""
         var = self.var.unsqueeze(1).double().flatten(2)
         if isinstance(w, Tensor):
             var = var + w.double().reshape(*w.shape, 1)
         elif w:
             var = var + w
         return (1.0 / var).expand(*like.shape[:2], var.shape[-1])
+
+    def gram(self, jac: Tensor, w: Tensor | float) -> Tensor:
+        """Jᵀ (Σ_y + w)^-1 J (N, S, k, k), float64, of the image's Jacobian jac (N, S, k, M)."""
+        if self.diagonal:
+            prec = self.precision(w, jac)  # (n, s, M)
+            return torch.einsum("nsim,nsm,nsjm->nsij", jac, prec, jac)
+        n, s, k, _ = jac.shape
+        obs = tuple(self.y.shape[1:])
+        wj = self._whiten(jac.reshape(n, s * k, *obs)).reshape(n, s, k, -1)
+        g = torch.einsum("nsim,nsjm->nsij", wj, wj)
+        scale = self._scale(w)
+        return g / (scale[..., None, None] if isinstance(scale, Tensor) else scale)
 
 
 # ----------------------------------------------------------------------------- lens chains
@@ -239,11 +289,10 @@ class LensChains:
         with torch.no_grad():
             eta = self.prior.from_unconstrained(zs)[0]
             src = x_hat.unsqueeze(2).expand(n, s, k + 1, *x_hat.shape[2:])
-            img = self.forward.image(eta, src.reshape(n, s * (k + 1), *x_hat.shape[2:]))
+            img = self.likelihood.model(eta, src.reshape(n, s * (k + 1), *x_hat.shape[2:]))
         img = img.reshape(n, s, k + 1, -1).double()
         jac = (img[:, :, 1:] - img[:, :, :1]) / h  # (n, s, k, M): forward differences
-        prec = self.likelihood.precision(w, jac)  # (n, s, M)
-        g = torch.einsum("nsim,nsm,nsjm->nsij", jac, prec, jac)
+        g = self.likelihood.gram(jac, w)
         g = g + ridge * torch.eye(k, dtype=g.dtype, device=g.device)
         chol, info = torch.linalg.cholesky_ex(g)
         ok = (info == 0) & torch.isfinite(chol).all((-2, -1))
@@ -357,11 +406,29 @@ def _check_lens_problem(forward: object, noise: object) -> None:
             "the lens prior holds a pair prior with a fixed norm (for drawing only); the joint "
             "method needs a density for every free lens parameter"
         )
-    if not getattr(noise, "diagonal", False):
+    if not _gaussian_enough(noise):
         raise TypeError(
-            "the joint method needs diagonal Gaussian noise (noise.diagonal); got "
-            f"{type(noise).__name__}"
+            "the joint method needs Gaussian noise, diagonal (noise.diagonal) or with whiten "
+            f"(e.g. CorrelatedNoise); got {type(noise).__name__}"
         )
+
+
+def _gaussian_enough(noise: object) -> bool:
+    """Diagonal Gaussian noise, or a Gaussian model that whitens (its exact quadratic form)."""
+    if getattr(noise, "diagonal", False):
+        return True
+    return bool(getattr(noise, "gaussian", False)) and callable(getattr(noise, "whiten", None))
+
+
+def _subtract_light(likelihood: LensLikelihood, eta: Tensor, x_hat: Tensor | None, out: Tensor):
+    """out (N·S, *obs) <- y - L(eta) in place: the lens light at lenses eta (N, S, d), its
+    amplitudes solved against y - A(eta) x_hat (x_hat None: against y)."""
+    n, s = eta.shape[:2]
+    with torch.no_grad():
+        y = likelihood.y.unsqueeze(1).expand(n, s, *likelihood.y.shape[1:])
+        target = y if x_hat is None else y - likelihood.forward.image(eta, x_hat)
+        light = likelihood.forward.light_image(eta, target, likelihood.noise)
+        out.copy_((y - light).reshape(out.shape).to(out.dtype))
 
 
 def _check_finite(eta: Tensor, what: str = "lens parameters") -> None:
@@ -730,9 +797,10 @@ class Joint(PosteriorMethod):
         _check_lens_problem(forward, GaussianNoise(1.0))
 
     def check_noise(self, noise: NoiseModel, opts: dict) -> None:
-        if not noise.diagonal:
+        if not _gaussian_enough(noise):
             raise TypeError(
-                f"joint needs diagonal Gaussian noise (noise.diagonal); got {type(noise).__name__}"
+                "joint needs Gaussian noise, diagonal (noise.diagonal) or with whiten (e.g. "
+                f"CorrelatedNoise); got {type(noise).__name__}"
             )
 
     def widening_at(self, t: Tensor, schedule) -> Tensor:
@@ -802,7 +870,8 @@ class Joint(PosteriorMethod):
             eta_init: starting lenses (N, d) or (N, S, d) inside the prior's support
                 (default: drawn from the prior).
             return_info: also return ``{"acceptance": (N, S) final-phase acceptance rates,
-                "step_size": (N, S), "chunks": [...]}``.
+                "step_size": (N, S), "chunks": [...]}`` (and, with a lens light,
+                ``"light"``: its image (N, S, *obs) at each sample, amplitudes solved).
 
         Returns:
             Sources (N, S, *event) and lens parameters (N, S, d) (and the info dict).
@@ -865,6 +934,8 @@ class Joint(PosteriorMethod):
                 "step_size": torch.cat([i["step_size"] for i in infos]),
                 "chunks": infos,
             }
+            if "light" in infos[0]:
+                info["light"] = torch.cat([i["light"] for i in infos])
             return x, eta, info
         return x, eta
 
@@ -879,6 +950,10 @@ class Joint(PosteriorMethod):
         chains = LensChains(forward, likelihood, eta0, step=self.step_size)
         current = _CurrentLens(forward, eta0)
         calls = {"n": 0}
+        y_rows = y[rows.to(y.device)]
+        if likelihood.light is not None:  # the source step sees y minus the current lens light
+            y_rows = y_rows.clone()
+            _subtract_light(likelihood, eta0, None, y_rows)
 
         def lens_step(d: Tensor, t: Tensor) -> None:
             if self.lens_steps == 0:
@@ -899,6 +974,8 @@ class Joint(PosteriorMethod):
             eta = chains.eta()
             _check_finite(eta)
             current.set(eta)
+            if likelihood.light is not None:
+                _subtract_light(likelihood, eta, x_hat, y_rows)
 
         wrapper_cls = (
             _AnalyticGibbsPrior
@@ -906,7 +983,7 @@ class Joint(PosteriorMethod):
             else _GibbsPrior
         )
         gibbs = wrapper_cls(prior, lens_step)
-        observation = Observation(current, flat_noise, y[rows.to(y.device)])
+        observation = Observation(current, flat_noise, y_rows)
         opts = self.source_method.resolve(current, 1)
         self.source_method.check_noise(flat_noise, opts)
         x, _ = self.source_method._sample_chunk(
@@ -929,7 +1006,11 @@ class Joint(PosteriorMethod):
         chains.reset_counts()
         chains.run(self.final_steps, generator, adapt=False)
         eta = chains.eta().detach()
-        return x, eta, {"acceptance": chains.acceptance(), "step_size": chains.step.clone()}
+        info = {"acceptance": chains.acceptance(), "step_size": chains.step.clone()}
+        if likelihood.light is not None:  # the lens light of each (x, eta), amplitudes solved
+            with torch.no_grad():
+                info["light"] = likelihood.model(eta, x) - forward.image(eta, x)
+        return x, eta, info
 
     def _sample_chunk(self, *args, **kwargs):  # pragma: no cover - sample() is overridden
         raise NotImplementedError("Joint.sample runs its own chunks (sample_joint)")

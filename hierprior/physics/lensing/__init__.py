@@ -10,6 +10,9 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
   :class:`TruncatedNormal`, :class:`Fixed`, ...), unconstrained transforms, sampling.
 - :mod:`hierprior.physics.lensing.blind`: :class:`BlindLensing`, the forward model of lenses
   nobody has modelled (their parameters are random variables with a :class:`LensPrior`).
+- :mod:`hierprior.physics.lensing.blind_light`: :class:`BlindLensingWithLight`, the same with
+  the lens galaxy's light (its non-linear parameters in the lens vector, :class:`LensLightPrior`;
+  amplitudes solved by weighted least squares at every evaluation).
 - :mod:`hierprior.physics.lensing.pixelated`: :class:`PixelatedConvergence`, a convergence map
   on a pixel grid (uniform square pixels; exact direct sum, exact FFT on regular grids).
 - :mod:`hierprior.physics.lensing.simulator`: :class:`Lensing`, the image of a pixelated source
@@ -27,6 +30,7 @@ r"""Strong gravitational lensing: analytic mass models and the lensed-image forw
 """
 
 from hierprior.physics.lensing.blind import BlindLensing
+from hierprior.physics.lensing.blind_light import BlindLensingWithLight, LensLightPrior
 from hierprior.physics.lensing.latent import LatentMassMap
 from hierprior.physics.lensing.light import (
     LensLight,
@@ -64,6 +68,8 @@ from hierprior.physics.lensing.substructure import Multipole, PseudoJaffe, pseud
 __all__ = [
     "AxisRatioAngle",
     "BlindLensing",
+    "BlindLensingWithLight",
+    "LensLightPrior",
     "Component",
     "ComponentPrior",
     "Fixed",
