@@ -178,21 +178,32 @@ def _initial_prior(cfg, run_dir: Path):
             return load_prior(cfg.em.initial_prior)
         except ValueError as err:
             raise ConfigError(f"em.initial_prior: {err}") from err
-    own = run_dir / "initial_prior"
+    # the run's copy of round 0 serves a rerun whose cache entry is gone
+    copy = run_dir / "round_000" / "prior.ckpt"
+    return trained_prior(cfg, run_dir, "initial_prior", "round-0 prior", fallback=copy)
+
+
+def trained_prior(cfg, run_dir: Path, name: str, what: str, fallback: Path | None = None):
+    """The prior the ``data``/``prior``/``schedule``/``train`` sections of cfg train: the
+    run's own ``<run_dir>/<name>`` (a rerun), else ``fallback`` when it exists, else the
+    shared cache ``${paths.priors}/<key>/`` (trained there once, linked as
+    ``<run_dir>/<name>``), or, with ``paths.priors: null``, trained into ``<run_dir>/<name>``.
+    ``what`` names it in the log."""
+    from hierprior.diffusion import load_prior
+
+    own = run_dir / name
     if (own / "DONE").exists():  # trained in (or linked from) this run directory
         return load_prior(own / "prior.ckpt")
-    if (run_dir / "round_000" / "prior.ckpt").exists():  # the run's copy (cache entry gone)
-        return load_prior(run_dir / "round_000" / "prior.ckpt")
+    if fallback is not None and fallback.exists():
+        return load_prior(fallback)
     cache = (cfg.get("paths") or {}).get("priors")
     if not cache:  # no shared cache: train inside the run directory
         if own.is_symlink():
             own.unlink()
-        _train_prior(cfg, own, f"{cfg.name}_initial_prior", run_dir)
+        _train_prior(cfg, own, f"{cfg.name}_{name}", run_dir)
         return load_prior(own / "prior.ckpt")
     digest, key = initial_prior_key(cfg)
-    return _cached_prior(
-        cfg, Path(str(cache)) / digest, key, "initial_prior", run_dir, "round-0 prior"
-    )
+    return _cached_prior(cfg, Path(str(cache)) / digest, key, name, run_dir, what)
 
 
 def _cached_prior(cfg, prior_dir: Path, key: dict, name: str, run_dir: Path, what: str):

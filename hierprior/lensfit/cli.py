@@ -203,26 +203,14 @@ def _source_prior(cfg, run_dir: Path):
     """``source_prior``, or the galaxy prior trained once per configuration (hierprior-em's
     cache of round-0 priors), linked as ``<run_dir>/source_prior``."""
     from hierprior.diffusion import load_prior
-    from hierprior.em.cli import _cached_prior, _train_prior, initial_prior_key
+    from hierprior.em.cli import trained_prior
 
     if cfg.get("source_prior"):
         try:
             return load_prior(cfg.source_prior)
         except ValueError as err:
             raise ConfigError(f"source_prior: {err}") from err
-    own = run_dir / "source_prior"
-    if (own / "DONE").exists():
-        return load_prior(own / "prior.ckpt")
-    cache = (cfg.get("paths") or {}).get("priors")
-    if not cache:
-        if own.is_symlink():
-            own.unlink()
-        _train_prior(cfg, own, f"{cfg.name}_source_prior", run_dir)
-        return load_prior(own / "prior.ckpt")
-    digest, key = initial_prior_key(cfg)
-    return _cached_prior(
-        cfg, Path(str(cache)) / digest, key, "source_prior", run_dir, "source prior"
-    )
+    return trained_prior(cfg, run_dir, "source_prior", "source prior")
 
 
 def _check_event(event: tuple) -> int:
